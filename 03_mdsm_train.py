@@ -432,7 +432,7 @@ def mdsm_residual(x, sigmas, eps, grad_energy, sigma0):
     """
     s = sigmas.view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
     # x - x~ + sigma0^2 grad E(x~) = -sigma * eps + sigma0^2 grad E(x~)
-    r = sigma0**2 * grad_energy.float() - s * eps  # (B, C, H, W), fp32
+    r = sigma0**2 * grad_energy.to(eps.dtype) - s * eps  # (B, C, H, W), fp32 even under autocast
     return r.pow(2).flatten(1).sum(1) / (sigmas**2 * sigma0**4)  # (B,)
 
 

@@ -1,0 +1,257 @@
+"""03: the MDSM loss against closed forms, the spec's settings, the real loaders on tiny files in
+the official formats, checkpoints that never lose work, and the fast paths against fp32 eager."""
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_script
+
+m = load_script("03_mdsm_train.py")
+SIGMA0 = 0.1
+
+
+class Quadratic(torch.nn.Module):
+    """E(x) = ||x - mu||^2 / (2a) per sample: grad E = (x - mu) / a."""
+
+    def __init__(self, a, mu=0.3):
+        super().__init__()
+        self.log_a = torch.nn.Parameter(torch.tensor(float(np.log(a))))
+        self.mu = mu
+
+    def forward(self, x):
+        return (x - self.mu).pow(2).flatten(1).sum(1) / (2 * self.log_a.exp())
+
+
+def gaussian_batch(n, d, s, sigma, mu=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = mu + s * torch.randn(n, 1, 1, d, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, 1, 1, d, generator=g, dtype=torch.float64)
+    return x, torch.full((n,), sigma, dtype=torch.float64), eps
+
+
+def test_loss_value_and_sign_on_a_quadratic_energy():
+    # One sample, by hand: || x - x~ + sigma0^2 grad E(x~) ||^2 / (sigma^2 sigma0^4)
+    model = Quadratic(a=0.5).double()
+    x, sigmas, eps = gaussian_batch(4, 6, s=0.2, sigma=0.7)
+    x_noisy = x + 0.7 * eps
+    expected = (x - x_noisy + SIGMA0**2 * (x_noisy - 0.3) / 0.5).pow(2).flatten(1).sum(1) / (0.7**2 * SIGMA0**4)
+    loss = m.mdsm_loss(model, x, sigmas, eps, SIGMA0)
+    assert torch.allclose(loss, expected.mean(), rtol=1e-10)
+
+
+def test_loss_expectation_and_its_weight_gradient_match_closed_form():
+    # Data N(mu, s^2 I_d). With c = sigma0^2 / a the residual is c*u + (c - 1)*sigma*eps, so
+    # E[loss] = d (c^2 s^2 + (c - 1)^2 sigma^2) / (sigma^2 sigma0^4) and d/da follows.
+    d, s, sigma, a = 16, 0.2, 0.6, 0.05
+    model = Quadratic(a).double()
+    x, sigmas, eps = gaussian_batch(20000, d, s, sigma)
+    loss = m.mdsm_loss(model, x, sigmas, eps, SIGMA0)
+    c = SIGMA0**2 / a
+    analytic = d * (c**2 * s**2 + (c - 1) ** 2 * sigma**2) / (sigma**2 * SIGMA0**4)
+    assert abs(loss.item() / analytic - 1) < 0.02
+    (g,) = torch.autograd.grad(loss, model.log_a)  # double backprop through grad_x E
+    dloss_dc = 2 * d * (c * s**2 + (c - 1) * sigma**2) / (sigma**2 * SIGMA0**4)
+    analytic_g = dloss_dc * (-c)  # dc/dlog(a) = -c
+    assert abs(g.item() / analytic_g - 1) < 0.03
+
+
+def test_minimizer_is_tweedies_denoiser():
+    # At one sigma the optimum is sigma0^2 grad E(x~) = x~ - E[x|x~] = sigma^2/(s^2+sigma^2) (x~ - mu),
+    # i.e. a* = sigma0^2 (s^2 + sigma^2) / sigma^2. A sigma-vs-sigma^2 slip moves a* by 2x or more.
+    d, s, sigma = 8, 0.3, 0.5
+    model = Quadratic(a=0.01).double()
+    x, sigmas, eps = gaussian_batch(4000, d, s, sigma, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        m.mdsm_loss(model, x, sigmas, eps, SIGMA0).backward()
+        opt.step()
+    a_star = SIGMA0**2 * (s**2 + sigma**2) / sigma**2
+    assert abs(model.log_a.exp().item() / a_star - 1) < 0.03
+
+
+def test_sigma_layout_schedule_and_optimizer_follow_the_spec(tmp_path):
+    sig = m.noise_levels(128, 0.05, 1.2)
+    assert sig.shape == (128,) and sig[0].item() == pytest.approx(0.05) and sig[-1].item() == pytest.approx(1.2)
+    assert torch.allclose(sig.diff(), torch.full((127,), 1.15 / 127), atol=1e-6)  # evenly stratified
+    log_sig = m.noise_levels(64, 0.1, 3.0, "log")
+    assert torch.allclose(log_sig.log().diff(), torch.full((63,), np.log(30) / 63), atol=1e-5)
+    assert (m.SIGMA0, m.SIGMA_MIN, m.SIGMA_MAX, m.BATCH_SIZE, m.STEPS) == (0.1, 0.05, 1.2, 128, 300_000)
+    assert (m.LR, m.LR_MIN, m.BETA1, m.BETA2, m.EMA_DECAY) == (5e-5, 1e-6, 0.9, 0.95, 0.0)
+    net = m.EnergyNet(3, 128, 3)
+    assert 61e6 < sum(p.numel() for p in net.parameters()) < 63e6  # "about 62 M parameters"
+    ckpt = run_tiny(tmp_path, ["--steps=8"])
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["betas"] == (0.9, 0.95) and group["initial_lr"] == 5e-5
+    assert ckpt["scheduler"]["last_epoch"] == 8 and group["lr"] == pytest.approx(1e-6)  # cosine end
+
+
+# ---- loaders on tiny files in the official formats ------------------------------------------
+def write_cifar_batches(folder, n=10):
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, n, 32, 32, 3), dtype=np.uint8)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, x in zip(names, images):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"data": x.transpose(0, 3, 1, 2).reshape(n, 3072), b"labels": [0] * n}, f, protocol=2)
+    return images
+
+
+def write_idx(path, images):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
+
+
+def test_cifar10_loader_reads_the_python_batches(tmp_path):
+    images = write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    train = m.load_images("cifar10", str(tmp_path), "train")
+    assert train.shape == (50, 3, 32, 32) and train.dtype == torch.uint8
+    assert torch.equal(train[10:20], torch.from_numpy(images[1]).permute(0, 3, 1, 2))  # RGB planes, order kept
+    assert m.load_images("cifar10", str(tmp_path), "test").shape == (10, 3, 32, 32)
+
+
+def test_idx_loader_pads_to_32(tmp_path):
+    os.makedirs(tmp_path / "fashion-mnist")
+    digits = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz", digits)
+    x = m.load_images("fashion-mnist", str(tmp_path), "test")
+    assert x.shape == (5, 1, 32, 32)
+    assert torch.equal(x[:, 0, 2:30, 2:30], torch.from_numpy(digits)) and x[:, :, :2].sum() == 0
+
+
+def test_npz_and_npy_of_user_images(tmp_path):
+    hwc = np.random.default_rng(2).integers(0, 256, (7, 16, 24, 3), dtype=np.uint8)
+    np.savez(tmp_path / "mine.npz", x_train=hwc, x_test=hwc[:2])
+    assert m.load_images(str(tmp_path / "mine.npz"), split="test").shape == (2, 3, 16, 24)
+    np.save(tmp_path / "gray.npy", hwc[..., 0])
+    assert m.load_images(str(tmp_path / "gray.npy")).shape == (7, 1, 16, 24)
+    np.save(tmp_path / "bad.npy", hwc.astype(np.float32))
+    with pytest.raises(SystemExit, match="expected uint8"):
+        m.load_images(str(tmp_path / "bad.npy"))
+
+
+def test_bad_data_gives_the_promised_messages(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not really a tar archive")
+    with pytest.raises(SystemExit, match=r"corrupt or incomplete \(MD5 mismatch\).*by hand"):
+        m.load_images("cifar10", str(tmp_path))
+    os.makedirs(tmp_path / "mnist")
+    (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00" * 40))
+    with pytest.raises(SystemExit, match="not an IDX image file"):
+        m.load_images("mnist", str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown --dataset=imagenet"):
+        m.load_images("imagenet", str(tmp_path))
+
+
+# ---- training runs, checkpoints, resume ------------------------------------------------------
+def tiny_dataset(tmp_path):
+    path = tmp_path / "tiny.npz"
+    if not path.exists():
+        rng = np.random.default_rng(3)
+        np.savez(path, x_train=rng.integers(0, 256, (48, 32, 32, 1), dtype=np.uint8))
+    return str(path)
+
+
+def run_tiny(tmp_path, extra, out="run"):
+    args = [f"--dataset={tiny_dataset(tmp_path)}", f"--out_dir={tmp_path / out}", "--width=4",
+            "--blocks_per_stage=1", "--batch_size=8", "--steps=6", "--log_every=1", "--ckpt_every=3",
+            "--grid_every=100", "--device=cpu"]
+    m.main(args + extra)
+    return m.load_checkpoint(str(tmp_path / out / "ckpt.pt"))
+
+
+def logged_losses(text):
+    return [float(line.split("| loss ")[1].split(" |")[0]) for line in text.splitlines() if line.startswith("step ")]
+
+
+def test_resume_gives_the_same_run(tmp_path, capsys, monkeypatch):
+    full = run_tiny(tmp_path, [], out="full")
+    full_losses = logged_losses(capsys.readouterr().out)
+    real_progress = m.progress
+
+    def interrupt_at_step_5(i, total, t0, note=""):
+        if i == 5:
+            raise KeyboardInterrupt
+        real_progress(i, total, t0, note)
+
+    monkeypatch.setattr(m, "progress", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(tmp_path, [], out="split")
+    monkeypatch.setattr(m, "progress", real_progress)
+    assert m.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    with pytest.raises(SystemExit, match="already exists; pass --resume"):
+        run_tiny(tmp_path, [], out="split")  # never overwrites without --resume
+    capsys.readouterr()
+    resumed = run_tiny(tmp_path, ["--resume"], out="split")
+    out = capsys.readouterr().out
+    assert "resumed at step 3" in out
+    assert np.allclose(logged_losses(out), full_losses[3:], rtol=1e-5)
+    for k, v in full["model"].items():
+        assert torch.allclose(v, resumed["model"][k], rtol=1e-5, atol=1e-7), k
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = m.mdsm_loss, []
+
+    def loss_that_breaks_at_step_5(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(m, "mdsm_loss", loss_that_breaks_at_step_5)
+    with pytest.raises(SystemExit, match="loss became nan.*last good checkpoint"):
+        run_tiny(tmp_path, [])
+    ckpt = m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path):
+    run_tiny(tmp_path, ["--steps=3"])
+    with pytest.raises(SystemExit, match="is a .*width.: 4.*pass the same --width"):
+        run_tiny(tmp_path, ["--steps=3", "--width=8", "--resume"])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        m.load_model(str(junk))
+    torch.save({"weights": torch.zeros(2)}, junk)
+    with pytest.raises(SystemExit, match="not a checkpoint of this repository"):
+        m.load_model(str(junk))
+    m.save_checkpoint({"kind": "dual-score", "model": {}}, str(junk))
+    with pytest.raises(SystemExit, match="'dual-score' checkpoint, but this needs 'mdsm-energy'"):
+        m.load_model(str(junk))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        m.load_model(str(tmp_path / "missing.pt"))
+    model, ckpt = m.load_model(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 3 and model(torch.rand(2, 1, 32, 32)).shape == (2,)
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"] or "ckpt.pt.tmp" not in os.listdir(tmp_path / "run")
+
+
+# ---- fast paths against the fp32 eager reference ---------------------------------------------
+def test_functional_and_bf16_paths_match_the_fp32_reference():
+    torch.manual_seed(0)
+    model = m.EnergyNet(3, 8, 1)
+    x = torch.rand(16, 3, 32, 32)
+    eps = torch.randn_like(x)
+    sigmas = m.noise_levels(16, 0.05, 1.2)
+    ref = m.param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
+    functional = m.make_functional_loss(model, SIGMA0)
+    g = m.param_grads(model, functional(dict(model.named_parameters()), x, sigmas, eps))
+    assert ((g - ref).norm() / ref.norm()).item() < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g16 = m.param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
+    assert ((g16 - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_smoke_run_writes_grid_and_benchmark_prints_every_variant(tmp_path, capsys):
+    run_tiny(tmp_path, ["--steps=4", "--grid_every=2", "--ema_decay=0.9"])
+    assert (tmp_path / "run" / "denoise_000004.png").exists()
+    ckpt = m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "fp32 eager" in out and "bf16 eager" in out and "grad rel. error vs fp32" in out
