@@ -405,7 +405,7 @@ class EnergyNet(nn.Module):
         self.lin1, self.lin2, self.lin3 = (nn.Linear(n_features, 1) for _ in range(3))
 
     def forward(self, x):
-        h = F.elu(self.blocks(self.conv_in(x))).flatten(1)  # (B, 8*width*(H/8)*(W/8))
+        h = self.blocks(self.conv_in(x)).flatten(1)  # (B, 8*width*(H/8)*(W/8)); no activation before the head, as coded
         with torch.autocast(x.device.type, enabled=False):  # the head and its output stay fp32
             h = h.float()
             # "quadratic neuron": E = (w1.h + b1)(w2.h + b2) + w3.(h*h) + b3
@@ -527,13 +527,11 @@ def resolve_defaults(cfg, channels):
     return cfg
 
 
-def batch_indices(step, n, batch_size, seed, device):
-    """Data order is a function of (seed, epoch), so a resumed run sees the same batches."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
+def epoch_order(seed, epoch, n, device):
+    """The shuffled order of one epoch, a function of (seed, epoch) only: a resumed run sees the
+    same batches. Drawn on the CPU (same on every device), moved to the device once per epoch."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)[k * batch_size:(k + 1) * batch_size]
-    return perm.to(device, non_blocking=True)
+    return torch.randperm(n, generator=g).to(device)
 
 
 def denoise_grid(model, x, sigma0, path, device):
@@ -579,8 +577,7 @@ def train(cfg, data, device):
     print(f"EnergyNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{'bf16' if use_bf16 else 'fp32'} on {device}", flush=True)
 
-    loss_fn = make_functional_loss(model, cfg.SIGMA0) if cfg.COMPILE else None
-    loss_fn = torch.compile(loss_fn) if cfg.COMPILE else None
+    loss_fn = torch.compile(make_functional_loss(model, cfg.SIGMA0)) if cfg.COMPILE else None
     sigmas = noise_levels(cfg.BATCH_SIZE, cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.SIGMA_SPACING, device)  # (B,)
     fixed = images_to_float(data[:8])  # the same 8 images in every progress grid
     window = torch.zeros((), device=device)  # running loss sum: no host sync per step
@@ -590,8 +587,12 @@ def train(cfg, data, device):
         save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, sched, ema,
                                         noise_rng=noise_gen.get_state()), ckpt_path)
 
+    per_epoch, order = n // cfg.BATCH_SIZE, None
     for step in range(start + 1, cfg.STEPS + 1):
-        x = images_to_float(data[batch_indices(step - 1, n, cfg.BATCH_SIZE, cfg.SEED, device)])  # (B, C, H, W)
+        epoch, k = divmod(step - 1, per_epoch)
+        if order is None or k == 0:
+            order = epoch_order(cfg.SEED, epoch, n, device)
+        x = images_to_float(data[order[k * cfg.BATCH_SIZE:(k + 1) * cfg.BATCH_SIZE]])  # (B, C, H, W) in [0, 1]
         eps = torch.randn(x.shape, generator=noise_gen, device=device)
         if device.type == "cuda":
             x, eps = x.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
@@ -609,7 +610,7 @@ def train(cfg, data, device):
                 for k, v in model.state_dict().items():
                     ema[k].lerp_(v, 1 - cfg.EMA_DECAY) if v.is_floating_point() else ema[k].copy_(v)
         window += loss.detach()
-        progress(step, cfg.STEPS, t0)
+        progress(step - start, cfg.STEPS - start, t0)  # time left counts only this session's steps
 
         if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS or step % cfg.CKPT_EVERY == 0:
             mean_loss = window.item() / (step - window_start)  # the one host sync, every LOG_EVERY steps
