@@ -25,7 +25,7 @@ unconstrained sampler that ignores the measurements (which must fail the same co
 With --ckpt it inpaints / super-resolves / compressively senses test images with a trained model.
 
   python 06_inpainting.py                                # CPU, ~1 min: exact Gaussian checks
-  python 06_inpainting.py --ckpt=out/03_mdsm_train/ckpt.pt --device=auto   # GPU, a few minutes
+  python 06_inpainting.py --ckpt=out/03_mdsm_train/ckpt.pt    # GPU: minutes; CPU: slow (2700 steps)
 Outputs: out/06_inpainting/toy_gaussian.png, and with --ckpt one grid per task plus a PSNR table.
 """
 import math
@@ -37,7 +37,7 @@ import torch
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
 SEED = 0                  # random seed for the toy, the masks and the samplers
-DEVICE = "cpu"            # auto | cpu | cuda | mps (toy: cpu is fastest; use auto with --ckpt)
+DEVICE = "auto"           # auto | cpu | cuda | mps, for --ckpt runs (the 64-pixel toy always runs on the cpu)
 OUT_DIR = "out/06_inpainting"  # where figures and grids go
 CKPT = ""                 # path to a 03 checkpoint; empty = run the exact Gaussian checks only
 USE_EMA = False           # load the checkpoint's EMA weights (if it has them)
@@ -383,14 +383,14 @@ def masked_langevin(energy, x_known, mask, cfg, sigma0, constrained=True):
     x = torch.where(mask > 0, 0.5 + torch.randn_like(x_known), x_known)
     kw = dict(mask=mask, x_known=x_known, known_noise_std=known_noise_fn(cfg, sigma0)) if constrained else {}
     if isinstance(energy, torch.nn.Module):
-        x, _ = sampler.annealed_langevin(energy, x, temps.to(x.device), cfg.STEP_SIZE, **kw)
+        x, _ = sampler.annealed_langevin(energy, x, temps.to(x.device), cfg.STEP_SIZE, show_progress=True, **kw)
         return x
     for k in range(len(temps)):
         x, _ = sampler.annealed_langevin(energy(float(temps[k])), x, temps[k:k + 1], cfg.STEP_SIZE, **kw)
     return x
 
 
-def projected_sampler(denoise, M, m, shape, cfg, constrained=True):
+def projected_sampler(denoise, M, m, cfg, constrained=True):
     """Kadkhodaie & Simoncelli's stochastic coarse-to-fine ascent, projected onto M x = m.
     denoise: y (B, d) -> D(y) (B, d); M (m, d) orthonormal rows; m (B, m) measurements.
     Returns (B, d) with M x = m exactly (a last projection) and the number of iterations."""
@@ -457,10 +457,10 @@ def toy_task(name, M, truth, mu, S, cfg, mask=None, variants=True):
         runs["masked Langevin, authors' 0.1*T^(1/4)"] = langevin(True, "quarter")
         runs[f"masked Langevin, step {cfg.TOY_STEP_SIZE} (not {cfg.STEP_SIZE})"] = langevin(True, "sqrt", cfg.TOY_STEP_SIZE)
     t0 = time.time()
-    runs["projected coarse-to-fine (K&S)"], steps = projected_sampler(denoise, M, meas_b, (N, d), cfg)
+    runs["projected coarse-to-fine (K&S)"], steps = projected_sampler(denoise, M, meas_b, cfg)
     t_ks = time.time() - t0
     runs["unconstrained Langevin (ignores m)"] = langevin(False, "sqrt")
-    runs["unconstrained coarse-to-fine"] = projected_sampler(denoise, M, meas_b, (N, d), cfg, False)[0]
+    runs["unconstrained coarse-to-fine"] = projected_sampler(denoise, M, meas_b, cfg, False)[0]
     print(f"\n{name}: {m_dim} measurements of {d} pixels, {N} chains "
           f"(Langevin {len(sampler_module().mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL))} steps "
           f"{t_lang:.1f} s, K&S {steps} steps {t_ks:.1f} s)")
@@ -505,7 +505,7 @@ def plot_toy(tasks, truth, mask, cfg):
         else:  # show the low-resolution image M^T m
             M = block_average_operator((1, n, n), 2).double()
             observed = img(M.T @ t["meas"])
-        panels = [("observed", observed), ("truth", img(truth)), ("exact mean", img(t["mean"])),
+        panels = [("observed (white: unknown)", observed), ("truth", img(truth)), ("exact mean", img(t["mean"])),
                   ("Langevin mean", img(runs[lang].double().mean(0))), ("K&S mean", img(runs[ks].double().mean(0))),
                   ("exact std", img(t["cov"].diagonal().clamp(min=0).sqrt())),
                   ("Langevin std", img(runs[lang].double().std(0))), ("K&S std", img(runs[ks].double().std(0))),
@@ -563,7 +563,7 @@ def restore(model, task, M, mask, truth, cfg, sigma0):
         raise SystemExit(f"error: --mask_sampler={cfg.MASK_SAMPLER}; use langevin or projected")
     # D(y) = y - sigma0^2 grad E(y): a blind denoiser for every noise level MDSM was trained on
     denoise = lambda y: sampler.tweedie_denoise(model, y.view(-1, *shape), sigma0).flatten(1)
-    y, steps = projected_sampler(denoise, M, m, (B, M.shape[1]), cfg)
+    y, steps = projected_sampler(denoise, M, m, cfg)
     return y.view(B, *shape)
 
 
