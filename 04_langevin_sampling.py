@@ -36,7 +36,7 @@ USE_EMA = False              # sample with the EMA weights, if the checkpoint ha
 DATASET = ""                 # data for diagnostics/FID; empty = the checkpoint's own DATASET
 DATA_DIR = ""                # empty = the checkpoint's own DATA_DIR
 N_SAMPLES = 64               # images to generate (paper's FID/IS: 50000)
-BATCH = 256                  # chains run at once; as large as memory allows (GPU: ~1000 for CIFAR)
+BATCH = 256                  # chains run at once (chunks of N_SAMPLES); as large as memory allows
 STEP_SIZE = 0.02             # sigma_s of the MDSM step (paper: 0.02)
 T_MAX = 100.0                # starting temperature (T = sigma^2/sigma0^2: 100 <-> sigma = 1.0)
 N_HOT = 500                  # steps at T = T_MAX
@@ -460,6 +460,8 @@ def nearest_train(queries, train, device, batch=256):
 
 
 def sample_checkpoint(cfg):
+    if cfg.T_MAX <= 0 or min(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.N_SAMPLES - 1, cfg.BATCH - 1) < 0:
+        raise SystemExit("error: --t_max must be > 0, --n_hot/--n_anneal/--n_cool >= 0, --n_samples/--batch >= 1")
     mdsm = load_numbered("03_mdsm_train.py")  # reuse 03's EnergyNet, checkpoints and data loaders
     device = pick_device(cfg.DEVICE)
     model, ckpt = mdsm.load_model(cfg.CKPT, device=device, use_ema=cfg.USE_EMA)
@@ -467,9 +469,8 @@ def sample_checkpoint(cfg):
     config = ckpt.get("config", {})
     sigma0 = float(config.get("SIGMA0", mdsm.SIGMA0))
     dataset, data_dir = cfg.DATASET or config.get("DATASET", ""), cfg.DATA_DIR or config.get("DATA_DIR", "data")
-    if cfg.T_MAX <= 0 or min(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.N_SAMPLES - 1, cfg.BATCH - 1) < 0:
-        raise SystemExit("error: --t_max must be > 0, --n_hot/--n_anneal/--n_cool >= 0, --n_samples/--batch >= 1")
-    out = os.path.join(cfg.OUT_DIR, os.path.splitext(os.path.basename(cfg.CKPT))[0])
+    parent, stem = os.path.split(os.path.splitext(os.path.abspath(cfg.CKPT))[0])
+    out = os.path.join(cfg.OUT_DIR, f"{os.path.basename(parent)}_{stem}")  # e.g. 03_mdsm_train_ckpt
     os.makedirs(out, exist_ok=True)
     args = ckpt["model_args"]
     shape = (args["in_channels"], args.get("image_size", 32), args.get("image_size", 32))
@@ -536,13 +537,14 @@ def diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, trace, temp
     ax.plot(steps, trace.mean(1), label="chain mean (first chunk)")
     ax.fill_between(steps, trace.quantile(0.1, dim=1), trace.quantile(0.9, dim=1), alpha=0.3, label="10-90%")
     for k, e in energies.items():
-        ax.axhline(e.mean(), ls="--", color={"train": "C2", "test": "C3", "samples": "C1"}[k], label=f"{k} images")
-    ax.set_yscale("symlog"), ax.set_xlabel("Langevin step"), ax.set_ylabel("energy E(x)")
+        ax.axhline(e.mean(), ls="--", color={"train": "C2", "test": "C3", "samples": "C1"}[k], label=f"{k} (mean)")
+    ax.set_xlabel("Langevin step"), ax.set_ylabel("energy E(x)")
     ax.twinx().plot(steps, temps, color="0.6", lw=0.8)
     ax.set_title("energy along the chain (grey: temperature, right axis)", fontsize=9), ax.legend(fontsize=7)
+    bins = np.histogram_bin_edges(torch.cat(list(energies.values())).numpy(), bins=40)
     for k, e in energies.items():
-        ax2.hist(e.numpy(), bins=40, alpha=0.5, label=k, density=True)
-    ax2.set_xlabel("energy E(x) of clean / final images"), ax2.legend(fontsize=7)
+        ax2.hist(e.numpy(), bins=bins, alpha=0.5, label=f"{k} (n={len(e)})", density=True)
+    ax2.set_xlabel("energy E(x): real images and saved samples (8-bit)"), ax2.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(os.path.join(out, "energy.png"), dpi=80), plt.close(fig)
     # Appendix C: each sample beside its nearest training images in pixel space.
     d, idx = nearest_train(x_uint8[:cfg.N_REF], train, device)

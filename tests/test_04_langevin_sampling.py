@@ -71,6 +71,21 @@ def test_schedule_segments_and_endpoints(script):
     assert m.mdsm_schedule(3, 5, 2, 10.0).shape == (10,)
 
 
+def test_noisy_mixture_energy_is_the_convolved_density(script):
+    """exp(-E_sigma) must equal p * N(0, sigma^2 I), computed here by quadrature on a grid."""
+    m = script(FILE)
+    std, h = 0.05, 0.004
+    axis = torch.arange(-0.4, 1.4, h, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)  # (G, 2)
+    p = torch.exp(-m.mixture_energy(grid.float(), 0.0, std)).double()  # clean density on the grid
+    assert abs(p.sum().item() * h * h - 1) < 1e-3
+    y = torch.tensor([[0.2, 0.2], [0.5, 0.5], [0.8, 0.7], [0.1, 0.9]], dtype=torch.float64)
+    for sigma in (0.1, 0.3):
+        kernel = torch.exp(-torch.cdist(y, grid) ** 2 / (2 * sigma ** 2)) / (2 * math.pi * sigma ** 2)
+        q = (kernel * p).sum(1) * h * h  # (4,)
+        assert torch.allclose(torch.exp(-m.mixture_energy(y.float(), sigma, std)).double(), q, rtol=2e-3), sigma
+
+
 def test_annealing_recovers_mode_weights_that_plain_langevin_misses(script):
     m = script(FILE)
     torch.manual_seed(0)
@@ -117,7 +132,7 @@ def tiny_run(script, tmp_path):
     mdsm.save_checkpoint(mdsm.make_checkpoint(model, {"SIGMA0": 0.1, "DATASET": data, "DATA_DIR": "data"}), ckpt)
     args = [f"--ckpt={ckpt}", "--n_samples=6", "--batch=4", "--n_hot=3", "--n_anneal=5", "--n_cool=2",
             "--snapshot_every=4", "--n_ref=10", "--device=cpu", f"--out_dir={tmp_path / 'out'}"]
-    return m, args, tmp_path / "out" / "tiny"
+    return m, args, tmp_path / "out" / f"{tmp_path.name}_tiny"
 
 
 def test_smoke_run_with_a_tiny_checkpoint(tiny_run, capsys):
