@@ -1,14 +1,65 @@
-"""01 - Score matching on 2-D toys whose score is known in closed form.
+"""01 - Score matching: learn an energy E(x) from samples alone, on 2-D toys with a known score.
 
-(Placeholder header: the lesson itself is being written; see issue 2.)
+A density p(x) = exp(-E(x)) / Z is hard to fit by maximum likelihood because Z is an integral
+over all x. The score s(x) = grad_x log p(x) = -grad_x E(x) does not contain Z, so we fit the
+score instead. This file trains the same small MLP energy with three objectives that need only
+samples of p, and checks each against the closed-form score of two toys (a Gaussian mixture with
+unequal weights and correlated components, and a ring of six Gaussians):
+
+  1. Exact score matching, Hyvarinen (2005), JMLR 6:695, Theorem 1 (Eq. 3):
+       J(theta) = E_p[ 0.5 ||s_theta(x)||^2 + tr(grad_x s_theta(x)) ]
+     The trace is computed exactly: one extra backward pass per dimension (2 here).
+  2. Denoising score matching, Vincent (2011), Neural Computation 23(7), the J_DSM objective:
+       J(theta) = E_p E_eps[ 0.5 ||s_theta(x~) - (-(x~ - x) / sigma^2)||^2 ],  x~ = x + sigma*eps
+     No derivative of s is needed, but the optimum is the score of the NOISED density
+     q_sigma = p convolved with N(0, sigma^2 I), not the score of p.
+  3. Sliced score matching, Song, Garg, Shi, Ermon (2019), UAI, SSM and its variance-reduced SSM-VR:
+       J(theta) = E_p E_v[ v^T (grad_x s_theta) v + 0.5 (v^T s_theta)^2 ],  v ~ N(0, I)
+     One Jacobian-vector product per projection instead of D backward passes for the trace.
+
+Conventions (the same in every file of this repository):
+  E(x)  the energy; p_theta(x) is proportional to exp(-E(x)); low energy = high probability.
+  s(x)  = -grad_x E(x), the score (it equals grad_x log p_theta(x)).
+  x~    = x + sigma * eps, eps ~ N(0, I): sigma is a standard deviation (variance sigma^2).
+  Langevin step of size eta:  x <- x - (eta / 2) grad_x E(x) + sqrt(eta) * xi,  xi ~ N(0, I).
+
+What you should see: exact and sliced SM match the score of p and E matches -log p up to a
+constant; DSM matches the score of q_sigma instead, so its error against p's score is larger (the
+bias sigma introduces); Langevin samples from each learned energy land on the data's modes.
+
+Run:  python 01_score_matching.py                        # CPU, about a minute: table + figure
+      python 01_score_matching.py --dsm_sigma=0.1        # smaller noise, smaller DSM bias
+      python 01_score_matching.py --steps=6000 --device=auto   # longer run, GPU if present
+Output: out/01_score_matching/score_matching.png (energy contours, score fields, samples).
 """
+import math
+import os
+
 import numpy as np
 import torch
+import torch.nn as nn
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
-SEED = 0              # random seed for data, initialization and sampling
-DEVICE = "cpu"        # auto | cpu | cuda | mps (the toys are faster on the CPU)
-
+SEED = 0                         # random seed for data, initialization, noise and sampling
+DEVICE = "cpu"                   # auto | cpu | cuda | mps (the 2-D toys are fastest on the CPU)
+THREADS = 1                      # CPU threads for torch; 1 is fastest for these tiny networks
+SHAPES = "mixture,ring"          # comma-separated toys: mixture (3 unequal Gaussians) | ring (8 Gaussians)
+METHODS = "exact,dsm,sliced"     # comma-separated objectives: exact | dsm | sliced
+N_TRAIN = 20000                  # training samples drawn once per toy (fewer lets exact SM overfit)
+N_TEST = 2000                    # held-out samples for the error table
+HIDDEN = 64                      # width of the three hidden layers of the energy MLP
+STEPS = 1000                     # Adam steps per (toy, objective); 2-8 s each on one CPU core
+BATCH = 256                      # samples per step
+LR = 5e-3                        # Adam learning rate, cosine-decayed to 0 over STEPS
+DSM_SIGMA = 0.3                  # DSM noise standard deviation (0.1-0.5; the bias grows with it)
+N_PROJECTIONS = 1                # random projections v per sample in sliced SM
+SLICED_VR = True                 # sliced SM: use 0.5||s||^2 (SSM-VR) instead of 0.5(v^T s)^2
+LANGEVIN_STEP = 0.01             # Langevin step size eta (see the step rule in the docstring)
+LANGEVIN_STEPS = 500             # Langevin steps from a uniform start in the plot box
+N_SAMPLES = 1000                 # Langevin chains per model
+BOX = 4.0                        # plots and Langevin starts cover [-BOX, BOX]^2
+LOG_EVERY = 500                  # print a log line every this many training steps
+OUT_DIR = "out/01_score_matching"  # where the figure is written
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
 # Device choice, seeding, --key=value overrides, one log format, a progress bar, an image-grid
 # saver, and loading an earlier numbered file as a module. Everything else is written once.
@@ -190,10 +241,268 @@ def load_numbered(filename):
     return sys.modules[name]
 # ==== end of shared helpers ====
 
+# ---- data: toys whose log-density and score are known in closed form ----
+
+
+def make_shape(name):
+    """Return (means (K, 2), covs (K, 2, 2), weights (K,)) of a 2-D Gaussian mixture."""
+    if name == "mixture":  # unequal weights, correlated and elongated components
+        means = [[-1.5, -1.0], [1.5, -1.0], [0.0, 1.6]]
+        covs = [[[0.40, 0.25], [0.25, 0.40]], [[0.30, -0.15], [-0.15, 0.50]], [[0.60, 0.0], [0.0, 0.15]]]
+        weights = [0.5, 0.3, 0.2]
+    elif name == "ring":  # six equal round Gaussians on a circle of radius 2
+        angles = [2 * math.pi * k / 6 for k in range(6)]
+        means = [[2.0 * math.cos(a), 2.0 * math.sin(a)] for a in angles]
+        covs = [[[0.16, 0.0], [0.0, 0.16]]] * 6
+        weights = [1 / 6] * 6
+    else:
+        raise SystemExit(f"error: unknown shape {name!r}; use --shapes=mixture,ring (or one of them)")
+    return torch.tensor(means), torch.tensor(covs), torch.tensor(weights)
+
+
+def sample_mixture(n, means, covs, weights):
+    """n samples (n, 2): pick a component k ~ weights, then x = mu_k + L_k z with L_k L_k^T = cov_k."""
+    k = torch.multinomial(weights, n, replacement=True)  # (n,)
+    z = torch.randn(n, means.shape[1], 1)  # (n, 2, 1)
+    return means[k] + (torch.linalg.cholesky(covs)[k] @ z).squeeze(-1)
+
+
+def mixture_log_prob(x, means, covs, weights):
+    """log p(x) = logsumexp_k [log w_k + log N(x; mu_k, cov_k)], x (B, D) -> (B,)."""
+    diff = x[:, None, :] - means[None]  # (B, K, D)
+    prec = torch.linalg.inv(covs)  # (K, D, D)
+    maha = torch.einsum("bki,kij,bkj->bk", diff, prec, diff)  # (B, K)
+    log_norm = -0.5 * (x.shape[1] * math.log(2 * math.pi) + torch.logdet(covs))  # (K,)
+    return torch.logsumexp(weights.log() + log_norm - 0.5 * maha, dim=1)
+
+
+def mixture_score(x, means, covs, weights):
+    """grad_x log p(x) = sum_k r_k(x) * (-cov_k^-1 (x - mu_k)), r_k = posterior of component k."""
+    diff = x[:, None, :] - means[None]  # (B, K, D)
+    prec = torch.linalg.inv(covs)  # (K, D, D)
+    maha = torch.einsum("bki,kij,bkj->bk", diff, prec, diff)  # (B, K)
+    log_norm = -0.5 * torch.logdet(covs)  # (K,), the 2*pi term cancels in r_k
+    r = torch.softmax(weights.log() + log_norm - 0.5 * maha, dim=1)  # (B, K)
+    return -torch.einsum("bk,kij,bkj->bi", r, prec, diff)  # (B, D)
+
+
+def noisy_covs(covs, sigma):
+    """q_sigma = p convolved with N(0, sigma^2 I) is again a mixture, with cov_k + sigma^2 I."""
+    return covs + sigma**2 * torch.eye(covs.shape[-1])
+
+
+# ---- model: a scalar energy E(x); the score is its negative gradient ----
+class EnergyMLP(nn.Module):
+    """E(x) = MLP(x), (B, 2) -> (B,). SiLU is smooth, so the Hessian needed by exact SM exists
+    (with ReLU the trace of the Hessian would be zero almost everywhere)."""
+
+    def __init__(self, hidden=128, dim=2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def score(energy_fn, x, create_graph=False):
+    """s(x) = -grad_x E(x), (B, D). create_graph=True keeps the graph for a loss on s."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=create_graph)
+    return -grad
+
+
+# ---- losses: three objectives that need only samples of p ----
+def exact_sm_loss(energy_fn, x):
+    """Hyvarinen (2005) Eq. 3 with s = -grad E: mean over x of 0.5||s||^2 + tr(grad_x s)."""
+    x = x.detach().requires_grad_(True)
+    s = -torch.autograd.grad(energy_fn(x).sum(), x, create_graph=True)[0]  # (B, D)
+    # tr(grad_x s) = sum_i ds_i/dx_i; samples are independent, so d(sum_b s_bi)/dx_b gives row b.
+    trace = torch.zeros_like(s[:, 0])  # (B,)
+    for i in range(x.shape[1]):
+        trace = trace + torch.autograd.grad(s[:, i].sum(), x, create_graph=True)[0][:, i]
+    # Eq. 3: J = E[ 0.5 ||s||^2 + tr(grad_x s) ]  (equals 0.5 E||s - s_p||^2 up to a constant)
+    return (0.5 * (s**2).sum(1) + trace).mean()
+
+
+def dsm_target(x_noisy, x, sigma):
+    """Score of the noise kernel, grad_x~ log N(x~; x, sigma^2 I) = -(x~ - x) / sigma^2 = -eps / sigma."""
+    return -(x_noisy - x) / sigma**2
+
+
+def dsm_loss(energy_fn, x, sigma):
+    """Vincent (2011) J_DSM at one noise level, weighted by lambda(sigma) = sigma^2."""
+    x_noisy = x + sigma * torch.randn_like(x)  # x~ = x + sigma * eps, (B, D)
+    s = score(energy_fn, x_noisy, create_graph=True)  # (B, D)
+    # J_DSM = E[ 0.5 ||s(x~) + (x~ - x)/sigma^2||^2 ]; the weight sigma^2 (lambda(sigma) = sigma^2)
+    # makes the loss O(1) for any sigma and does not move its minimum.
+    return (0.5 * sigma**2 * ((s - dsm_target(x_noisy, x, sigma)) ** 2).sum(1)).mean()
+
+
+def sliced_sm_loss(energy_fn, x, n_projections=1, variance_reduced=True):
+    """Song et al. (2019) SSM: mean of v^T (grad_x s) v + 0.5 (v^T s)^2 over x and v ~ N(0, I).
+    variance_reduced=True is SSM-VR: 0.5 (v^T s)^2 -> its expectation over v, 0.5 ||s||^2."""
+    x = x.detach().repeat(n_projections, 1).requires_grad_(True)  # (M*B, D), one row per (v, x)
+    s = -torch.autograd.grad(energy_fn(x).sum(), x, create_graph=True)[0]  # (M*B, D)
+    v = torch.randn_like(x)  # E[v v^T] = I, so E_v[v^T A v] = tr(A)
+    v_s = (v * s).sum(1)  # (M*B,) v^T s
+    v_jac_v = (torch.autograd.grad(v_s.sum(), x, create_graph=True)[0] * v).sum(1)  # v^T (grad_x s) v
+    second = 0.5 * (s**2).sum(1) if variance_reduced else 0.5 * v_s**2
+    return (v_jac_v + second).mean()
+
+
+# ---- training: a plain Adam loop, the same for every objective ----
+def train_energy(model, method, data, steps, batch, lr, sigma=0.3, n_projections=1, sliced_vr=True,
+                 log_every=0):
+    """Fit model (an energy) to samples data (N, D) with method 'exact' | 'dsm' | 'sliced'."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    t_start = time.time()
+    for step in range(1, steps + 1):
+        x = data[torch.randint(len(data), (batch,), device=data.device)]  # (B, D)
+        if method == "exact":
+            loss = exact_sm_loss(model, x)
+        elif method == "dsm":
+            loss = dsm_loss(model, x, sigma)
+        elif method == "sliced":
+            loss = sliced_sm_loss(model, x, n_projections, sliced_vr)
+        else:
+            raise SystemExit(f"error: unknown method {method!r}; use exact, dsm or sliced")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress(step, steps, t_start, method)
+        if log_every and (step % log_every == 0 or step == steps):
+            log_line(step, {"method": method, "loss": loss.item(), "it/s": step / (time.time() - t_start)})
+    return model
+
+
+# ---- sampling and evaluation ----
+def langevin(energy_fn, x, step, n_steps):
+    """Unadjusted Langevin: x <- x - (eta/2) grad E(x) + sqrt(eta) xi; samples exp(-E) as eta -> 0."""
+    for _ in range(n_steps):
+        x = x + 0.5 * step * score(energy_fn, x) + math.sqrt(step) * torch.randn_like(x)
+    return x.detach()
+
+
+def relative_score_error(s_model, s_true):
+    """sqrt(mean ||s_model - s_true||^2 / mean ||s_true||^2): 0 is perfect, 1 is as bad as s = 0."""
+    return ((s_model - s_true).pow(2).sum(1).mean() / s_true.pow(2).sum(1).mean()).sqrt().item()
+
+
+def energy_misfit(energy, log_p):
+    """std of E + log p over points: 0 when E = -log p + const (the constant is log Z)."""
+    return (energy + log_p).std().item()
+
+
+def plot(results, shapes, methods, path, box):
+    """Row pair per toy: energy contours + score field (true, then each method), then data and
+    Langevin samples from each learned energy."""
+    import matplotlib.pyplot as plt
+
+    n = torch.linspace(-box, box, 120)
+    grid = torch.stack(torch.meshgrid(n, n, indexing="xy"), -1).reshape(-1, 2)  # (120*120, 2)
+    q = torch.linspace(-box + 0.4, box - 0.4, 17)
+    qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)  # quiver points
+    levels = np.linspace(0, 12, 25)  # energy contours, shifted so the minimum is 0
+    fig, axes = plt.subplots(2 * len(shapes), 1 + len(methods), figsize=(3.2 * (1 + len(methods)), 6.4 * len(shapes)),
+                             squeeze=False)
+    for r, name in enumerate(shapes):
+        res = results[name]
+        fields = [("true -log p", lambda x: -mixture_log_prob(x, *res["params"]), res["data"], "data")]
+        fields += [(m, res["models"][m], res["samples"][m], f"Langevin, {m}") for m in methods]
+        true_logp = mixture_log_prob(grid, *res["params"]).reshape(120, 120)
+        for c, (title, energy_fn, points, points_title) in enumerate(fields):
+            with torch.no_grad():
+                e = energy_fn(grid).reshape(120, 120)
+            s = score(energy_fn, qgrid)  # (17*17, 2)
+            s = s / (1 + s.norm(dim=1, keepdim=True))  # compress long arrows far from the data
+            ax = axes[2 * r, c]
+            ax.contourf(n, n, (e - e.min()).clamp(max=12), levels=levels, cmap="viridis")
+            ax.quiver(qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="white", scale=20, width=0.004)
+            ax.set_title(f"{name}: {title if c == 0 else 'learned E, ' + title}", fontsize=9)
+            ax = axes[2 * r + 1, c]
+            ax.contour(n, n, true_logp, levels=8, colors="0.75", linewidths=0.6)
+            ax.scatter(points[:, 0], points[:, 1], s=2, color="k" if c == 0 else "C3")
+            ax.set_title(f"{name}: {points_title}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xlim(-box, box), ax.set_ylim(-box, box), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def check_config(cfg):
+    """Stop with one line on values that parse but make no sense."""
+    for knob in ("N_TRAIN", "N_TEST", "HIDDEN", "STEPS", "BATCH", "N_PROJECTIONS", "LANGEVIN_STEPS", "N_SAMPLES"):
+        if getattr(cfg, knob) < 1:
+            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} must be at least 1")
+    for knob in ("LR", "DSM_SIGMA", "LANGEVIN_STEP"):
+        if not getattr(cfg, knob) > 0:
+            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} must be positive")
+    shapes = [s.strip() for s in cfg.SHAPES.split(",") if s.strip()]
+    methods = [m.strip() for m in cfg.METHODS.split(",") if m.strip()]
+    for s in shapes or [""]:
+        if s not in ("mixture", "ring"):
+            raise SystemExit(f"error: --shapes={cfg.SHAPES}: unknown shape {s!r}; use mixture, ring or both (comma-separated)")
+    for m in methods or [""]:
+        if m not in ("exact", "dsm", "sliced"):
+            raise SystemExit(f"error: --methods={cfg.METHODS}: unknown method {m!r}; use exact, dsm, sliced (comma-separated)")
+    return shapes, methods
+
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     show_config(cfg)
+    shapes, methods = check_config(cfg)
+    device = pick_device(cfg.DEVICE)
+    torch.set_num_threads(cfg.THREADS)  # more threads only add synchronization cost on 2-D toys
+    results, t_start = {}, time.time()
+    for name in shapes:
+        set_seed(cfg.SEED)
+        params = [t.to(device) for t in make_shape(name)]  # means, covs, weights
+        noisy = (params[0], noisy_covs(params[1], cfg.DSM_SIGMA), params[2])  # q_sigma, same weights
+        data = sample_mixture(cfg.N_TRAIN, *params)  # (N_TRAIN, 2)
+        test = sample_mixture(cfg.N_TEST, *params)  # (N_TEST, 2), never trained on
+        s_p, s_q = mixture_score(test, *params), mixture_score(test, *noisy)  # true scores of p and q_sigma
+        logp, logq = mixture_log_prob(test, *params), mixture_log_prob(test, *noisy)
+        start = (torch.rand(cfg.N_SAMPLES, 2, device=device) * 2 - 1) * cfg.BOX  # Langevin starts, uniform
+        res = results[name] = {"params": params, "data": data[:cfg.N_SAMPLES].cpu(), "models": {}, "samples": {}}
+        rows = []
+        for method in ["true p"] + methods:
+            t0 = time.time()
+            if method == "true p":  # control: Langevin on the exact energy -log p, no learning
+                model = lambda x: -mixture_log_prob(x, *params)  # noqa: E731
+            else:
+                set_seed(cfg.SEED)  # every objective starts from the same initial network
+                model = EnergyMLP(cfg.HIDDEN).to(device)
+                train_energy(model, method, data, cfg.STEPS, cfg.BATCH, cfg.LR, cfg.DSM_SIGMA,
+                             cfg.N_PROJECTIONS, cfg.SLICED_VR, cfg.LOG_EVERY)
+                res["models"][method] = model.cpu()
+                model = model.to(device)
+            s = score(model, test)
+            with torch.no_grad():
+                energy = model(test)
+            set_seed(cfg.SEED + 1)
+            samples = langevin(model, start, cfg.LANGEVIN_STEP, cfg.LANGEVIN_STEPS)
+            if method != "true p":
+                res["samples"][method] = samples.cpu()
+            rows.append((method, relative_score_error(s, s_p), relative_score_error(s, s_q), energy_misfit(energy, logp),
+                         energy_misfit(energy, logq), mixture_log_prob(samples, *params).mean().item(), time.time() - t0))
+        print(f"\n{name}: errors on {cfg.N_TEST} held-out samples of p; q_sigma = p * N(0, {cfg.DSM_SIGMA}^2 I); "
+              f"std(log p) = {logp.std().item():.2f} nats; mean log p(data) = {logp.mean().item():.3f}")
+        print(f"{'method':<8} | {'score err vs p':>14} | {'vs q_sigma':>10} | {'std(E+log p)':>12} | "
+              f"{'std(E+log q)':>12} | {'log p(Langevin)':>15} | {'time':>6}")
+        for row in rows:
+            print(f"{row[0]:<8} | {row[1]:>14.3f} | {row[2]:>10.3f} | {row[3]:>12.3f} | {row[4]:>12.3f} | "
+                  f"{row[5]:>15.3f} | {row[6]:>5.1f}s", flush=True)
+    path = os.path.join(cfg.OUT_DIR, "score_matching.png")
+    plot(results, shapes, methods, path, cfg.BOX)
+    print(f"\nwrote {path} ({time.time() - t_start:.0f}s in all)")
+    return results
 
 
 if __name__ == "__main__":
