@@ -1,0 +1,542 @@
+"""02 - Why one noise level is not enough in high dimension (MDSM, Li et al. 2023, Appendix B).
+
+Denoising score matching (DSM) with one noise level sigma trains grad E only where its training
+inputs x~ = x + sigma*eps fall. In d dimensions ||x~ - x|| concentrates at sigma*sqrt(d) with a
+spread of about sigma/sqrt(2) that does not shrink with d, so the supervised region is a thin shell
+around the data: nothing constrains E on the data itself or far out, where sampling chains start.
+MDSM (eq. 10 of the paper, 1/sigma^2-weighted as in the authors' code) trains ONE unconditional
+energy on a whole range of sigma at once, which covers every shell from the data to the chains.
+
+Part 1 measures the concentration (table + figure, and the CIFAR-10 shell radii).
+Part 2 is a toy whose noisy score is exact: a 3-mode Gaussian mixture with unequal weights
+(0.6/0.3/0.1) living on a 2-D plane, embedded by a random rotation in d dimensions. Why this toy:
+like images it is a low-dimensional data set in a high-dimensional space, its noisy density
+q_sigma is a Gaussian mixture in the plane times N(0, sigma^2 I) across it, so grad log q_sigma,
+the exact optimum of the MDSM objective and exact Langevin are closed form at every d, and the
+unequal weights show whether a sampler finds the right mass per mode. The same MLP energy (no
+sigma input) is trained by single-noise DSM (sigma = sigma0 = 0.1) and by MDSM (sigma ~ U[0.05,1.2]
+laid out across the batch), with the same budget; we then measure the gradient error at probe
+points x + sigma_t*eps at distances from 0.3x to 10x the single-noise shell, and sample from broad
+noise N(0, I) (the sigma = 1 shell, like MDSM's 0.5 + N(0, I)) with plain Langevin (single) and
+MDSM's annealed Langevin (multiscale). Oracle chains driven by the exact fields separate what the
+sampler can do at best from what the learned energy gets wrong.
+
+What "right" means (derived): the per-sample MDSM loss ||x - x~ + sigma0^2 grad E(x~)||^2 /
+(sigma^2 sigma0^4) is minimized pointwise by sigma0^2 g*(x~) = sum_j w_j (x~ - E[x|x~,s_j]) with
+w_j proportional to q_{s_j}(x~)/s_j^2, and x~ - E[x|x~,s] = -s^2 grad log q_s(x~) (Tweedie).
+In high d only the level whose shell passes through x~ has weight, so at distance sigma_t*sqrt(d)
+the target is -(sigma_t^2/sigma0^2) grad log q_{sigma_t}: temperature T = sigma_t^2/sigma0^2.
+With a single level the target is -grad log q_sigma0 everywhere. Errors are ||g - g*|| / ||g*||.
+
+What we find (defaults, 2-core CPU, seed 0; numbers in the README): the concentration formulas
+hold (d = 3072: mean 55.44 vs sqrt(d) = 55.43, std 0.71 vs 1/sqrt(2)). The single-noise gradient
+error is ~0.12 on its shell and grows to 0.65-1.1 where chains start (10x the shell, d >= 128);
+MDSM's stays 0.1-0.2 across its range. Inside the shell the single-noise model is NOT worse than
+MDSM here (~0.2 both): the quadratic head extrapolates inward, so the claim "unconstrained on the
+data" is weaker than the paper says for this network. Sampling: single-noise chains land on the
+data for 86% / 59% of chains at d = 2 / 16 but 5% / 1% at d = 128 / 256 (many fly off), and even
+exact single-noise Langevin gets the mode weights wrong (TV ~0.27 at every d: no mixing between
+modes). MDSM gets the weights right at every d (TV <= 0.11), but with this small budget its
+samples also miss the data at high d (on data 70% / 58% / 28% / 2%) while its exact-field oracle
+is at 100%: more training (--steps) is what the learned multiscale model needs, the single-noise
+one has no signal where its chains travel.
+
+Run:  python 02_single_noise_failure.py                          (about 1.5 minutes on a CPU)
+      python 02_single_noise_failure.py --dims=2,16,128,512,1024 --steps=3000  (bigger, slower)
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+# ---- config: every knob can be overridden with --key=value (see --help) ----
+SEED = 0                    # random seed for data, initialization and sampling
+DEVICE = "cpu"              # auto | cpu | cuda | mps (small MLPs: the CPU is fine)
+THREADS = 1                 # CPU threads; tiny matrices run fastest on 1 (0 = torch default)
+DIMS = "2,16,128,256"       # comma-separated ambient dimensions of the toy
+CONC_DIMS = "2,16,128,1024,3072"  # dimensions of the concentration table (3072 = CIFAR-10)
+CONC_SAMPLES = 4000         # Monte Carlo draws per dimension for the concentration table
+SIGMA0 = 0.1                # small noise level: the single-noise sigma and MDSM's sigma0
+SIGMA_MIN = 0.05            # MDSM: smallest sigma of the uniform range (CIFAR-10: 0.05)
+SIGMA_MAX = 1.2             # MDSM: largest sigma (CIFAR-10: 1.2)
+MODE_STD = 0.05             # std of each mixture mode inside the data plane
+MODE_RADIUS = 0.6           # modes sit on a circle of this radius in the plane
+HIDDEN = 256                # width of the energy's hidden layer (raised to d if smaller)
+STEPS = 800                 # Adam steps per model (same for both models)
+BATCH = 128                 # training batch (one sigma per slot for MDSM)
+LR = 3e-3                   # Adam learning rate, cosine-decayed to 1% of it
+LOG_EVERY = 200             # print a log line every this many steps
+N_PROBE = 256               # probe points per distance for the gradient-error table
+N_CHAINS = 256              # Langevin chains per sampler
+INIT_STD = 1.0              # chains start at N(0, INIT_STD^2 I) around the data centre
+STEP_SIZE = 0.02            # Langevin sigma_s (MDSM: 0.02); update -0.5 sigma_s^2 grad E + sqrt(T) sigma_s xi
+T_MAX = 100.0               # starting temperature (MDSM: 100, i.e. sigma = 1)
+WARM_STEPS = 50             # steps at T_MAX (MDSM: 500)
+ANNEAL_STEPS = 400          # geometric decay T_MAX -> 1 (MDSM: 2000)
+COOL_STEPS = 50             # linear decay 1 -> 0 (MDSM: 200)
+OUT_DIR = "out/02_single_noise_failure"  # figure and table go here
+
+# ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
+# Device choice, seeding, --key=value overrides, one log format, a progress bar, an image-grid
+# saver, and loading an earlier numbered file as a module. Everything else is written once.
+import importlib.util
+import math
+import os
+import random
+import re
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+
+
+def pick_device(name="auto"):
+    """'auto' takes cuda, then Apple mps, then cpu; 'cpu', 'cuda', 'cuda:1', 'mps' force one."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but this torch has no CUDA device; use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device={name} but MPS is not available; use --device=cpu")
+    return device
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch (every device) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _knob_comments(path):
+    """NAME -> trailing comment of each `NAME = value  # comment` line of a file (for --help)."""
+    comments = {}
+    if path and os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=.*?#\s*(.*)$", line)
+            if m:
+                comments.setdefault(m.group(1), m.group(2).strip())
+    return comments
+
+
+def _cast(key, text, default):
+    """Convert an override to the type of its default, or stop with a one-line message."""
+    kind = type(default).__name__
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            value = float(text.replace("_", ""))  # accepts 300000, 300_000 and 3e5
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except ValueError:
+        raise SystemExit(f"error: --{key.lower()} expects a value of type {kind} (default {default!r}), got {text!r}")
+
+
+def parse_config(namespace, argv=None):
+    """Resolve a file's UPPER_CASE constants against command-line overrides.
+
+    namespace is the file's globals(); argv defaults to sys.argv[1:]. Accepted forms:
+    --key=value, --key value, and a bare --flag for booleans; keys are case-insensitive and
+    '-' equals '_'. Each value must parse as the type of its default. Unknown keys stop the run
+    with the list of valid ones; --help lists every knob with its default and comment.
+    Returns a SimpleNamespace with the same UPPER_CASE names.
+    """
+    defaults = {k: v for k, v in namespace.items()
+                if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        doc = (namespace.get("__doc__") or "").strip().split("\n\n")[0]
+        comments = _knob_comments(namespace.get("__file__"))
+        print(doc + "\n\noptions (--key=value; defaults shown):")
+        for k, v in defaults.items():
+            print(f"  {'--' + k.lower() + '=' + str(v):<30} {comments.get(k, '')}")
+        raise SystemExit(0)
+    config, i = dict(defaults), 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; options look like --key=value (see --help)")
+        key, has_value, text = arg[2:].partition("=")
+        name = key.replace("-", "_").upper()
+        if name not in defaults:
+            valid = ", ".join("--" + k.lower() for k in defaults)
+            raise SystemExit(f"error: unknown option --{key}. Valid options: {valid}")
+        if not has_value:
+            if isinstance(defaults[name], bool):
+                text = "true"
+            elif i < len(argv) and not argv[i].startswith("--"):
+                text, i = argv[i], i + 1
+            else:
+                raise SystemExit(f"error: --{key} needs a value, e.g. --{key.lower()}={defaults[name]}")
+        config[name] = _cast(name, text, defaults[name])
+    return types.SimpleNamespace(**config)
+
+
+def show_config(cfg):
+    """Print the resolved configuration on one line, so every log starts with what ran."""
+    print("config: " + " ".join(f"{k.lower()}={v}" for k, v in vars(cfg).items()), flush=True)
+
+
+def log_line(step, metrics):
+    """The one log format of this repository: 'step 1200 | loss 0.41 | 38.2 it/s'."""
+    parts = [f"step {step}"]
+    for k, v in metrics.items():
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        parts.append(f"{text} {k}" if k.endswith("/s") else f"{k} {text}")
+    end = "\r\033[K" if sys.stderr.isatty() else ""  # wipe a progress bar drawn on this line
+    print(end + " | ".join(parts), flush=True)
+
+
+def format_time(seconds):
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress(i, total, t_start, note=""):
+    """Redraw a one-line progress bar with elapsed and remaining time (terminals only)."""
+    if not sys.stderr.isatty() or (i % max(1, total // 500) and i != total):
+        return
+    frac = i / max(total, 1)
+    elapsed = time.time() - t_start
+    remaining = elapsed / frac * (1 - frac) if frac > 0 else 0.0
+    bar = "#" * int(30 * frac)
+    sys.stderr.write(f"\r[{bar:<30}] {i}/{total} {format_time(elapsed)}<{format_time(remaining)} {note}\033[K")
+    if i == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def save_image_grid(images, path, nrow=8, pad=2):
+    """Save images (N, C, H, W) with values in [0, 1] (C = 1 or 3) as one PNG grid."""
+    import matplotlib.image
+
+    x = images.detach().float().cpu().clamp(0, 1)
+    n, c, h, w = x.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[k]
+    array = grid.permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    matplotlib.image.imsave(path, array[..., 0] if c == 1 else array, cmap="gray", vmin=0, vmax=1)
+
+
+def load_numbered(filename):
+    """Import a sibling file such as '03_mdsm_train.py' as a module (a name starting with a
+    digit cannot be imported with `import`). Its main() does not run."""
+    name = os.path.splitext(filename)[0]
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+# ==== end of shared helpers ====
+
+
+# ---------------------------------------------------------------- part 1: concentration of measure
+def shell_radius(d, sigma):
+    """Exact mean and std of ||sigma*eps||, eps ~ N(0, I_d) (a chi distribution), and the
+    high-d approximations sigma*sqrt(d) and sigma/sqrt(2)."""
+    # E||eps|| = sqrt(2) Gamma((d+1)/2) / Gamma(d/2);  Var = d - (E||eps||)^2
+    mean = math.sqrt(2) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
+    return sigma * mean, sigma * math.sqrt(max(d - mean**2, 0.0)), sigma * math.sqrt(d), sigma / math.sqrt(2)
+
+
+def concentration_table(cfg, gen):
+    rows = []
+    print("\npart 1: ||x~ - x|| for x~ = x + sigma*eps (sigma = 1; everything scales with sigma)")
+    print(f"{'d':>6} {'MC mean':>9} {'sqrt(d)':>9} {'MC std':>8} {'1/sqrt2':>8} {'exact std':>9} {'rel. width':>10}")
+    for d in [int(s) for s in cfg.CONC_DIMS.split(",")]:
+        r = torch.randn(cfg.CONC_SAMPLES, d, generator=gen).norm(dim=1)  # (N,)
+        mean, std, approx_mean, approx_std = shell_radius(d, 1.0)
+        rows.append((d, r))
+        print(f"{d:>6} {r.mean():9.3f} {approx_mean:9.3f} {r.std():8.3f} {approx_std:8.3f} {std:9.3f} {r.std() / r.mean():10.3f}")
+    radii = ", ".join(f"sigma={s}: {shell_radius(3072, s)[2]:.3g}" for s in (0.05, 0.1, 1.0, 1.2))
+    print(f"CIFAR-10 (d=3072) shell radii sigma*sqrt(d): {radii}")
+    return rows
+
+
+# ---------------------------------------------------------------- part 2: the toy and its exact scores
+class PlaneMixture:
+    """3 Gaussian modes (std MODE_STD, weights 0.6/0.3/0.1) on a 2-D plane, rotated into R^d."""
+
+    def __init__(self, d, cfg, gen):
+        angles = torch.tensor([90.0, 210.0, 330.0]) * math.pi / 180
+        self.centers = cfg.MODE_RADIUS * torch.stack([angles.cos(), angles.sin()], 1)  # (K, 2)
+        self.weights = torch.tensor([0.6, 0.3, 0.1])
+        self.s, self.d = cfg.MODE_STD, d
+        self.Q = torch.linalg.qr(torch.randn(d, 2, generator=gen))[0]  # (d, 2) orthonormal basis of the plane
+
+    def sample(self, n, gen):
+        k = torch.multinomial(self.weights, n, replacement=True, generator=gen)
+        u = self.centers[k] + self.s * torch.randn(n, 2, generator=gen)  # (n, 2) in-plane coordinates
+        return u @ self.Q.T  # (n, d)
+
+    def split(self, x):
+        """In-plane coordinates u (n, 2) and squared distance to the plane |v|^2 (n,)."""
+        u = x @ self.Q
+        return u, (x.pow(2).sum(1) - u.pow(2).sum(1)).clamp_min(0)
+
+    def log_q(self, x, sigma):
+        """log q_sigma(x~): the mixture smoothed by N(0, sigma^2 I) (exact), for each sigma (L,)."""
+        u, v2 = self.split(x)
+        var = self.s**2 + sigma**2  # (L,) in-plane variance of each mode after smoothing
+        du2 = (u[:, None, :] - self.centers[None]).pow(2).sum(-1)  # (n, K)
+        logits = self.weights.log() - du2[:, None, :] / (2 * var[None, :, None])  # (n, L, K)
+        plane = torch.logsumexp(logits, -1) - torch.log(2 * math.pi * var)  # (n, L)
+        across = -v2[:, None] / (2 * sigma**2) - (self.d - 2) / 2 * torch.log(2 * math.pi * sigma**2)
+        return plane + across  # (n, L)
+
+    def plane_score(self, u, sigma):
+        """In-plane part of grad log q_sigma at in-plane points u (n, 2), for each sigma (L,): (n, L, 2)."""
+        var = (self.s**2 + sigma**2)[None, :, None]  # (1, L, 1)
+        diff = self.centers[None, None] - u[:, None, None]  # (n, 1, K, 2)
+        resp = torch.softmax(self.weights.log() - diff.pow(2).sum(-1) / (2 * var), -1)  # (n, L, K)
+        return (resp[..., None] * diff).sum(2) / var  # (n, L, 2)
+
+    def score(self, x, sigma):
+        """grad log q_sigma(x~) for one sigma: mixture score in the plane, -v/sigma^2 across it."""
+        u = x @ self.Q
+        v = x - u @ self.Q.T  # (n, d) the part orthogonal to the plane
+        return self.plane_score(u, sigma.reshape(1))[:, 0] @ self.Q.T - v / sigma**2
+
+    def mdsm_target(self, x, sigmas, sigma0):
+        """Exact pointwise minimizer g* of the 1/sigma^2-weighted MDSM loss over the levels `sigmas`:
+        sigma0^2 g* = sum_j w_j (-s_j^2 grad log q_{s_j}), w_j proportional to q_{s_j}(x~) / s_j^2.
+        Across the plane -s^2 grad log q_s = v for every level, so only the plane part mixes."""
+        u = x @ self.Q
+        w = torch.softmax(self.log_q(x, sigmas) - 2 * sigmas.log(), 1)  # (n, L) level posterior x weight
+        plane = (w[..., None] * sigmas[None, :, None] ** 2 * self.plane_score(u, sigmas)).sum(1)  # (n, 2)
+        return (x - u @ self.Q.T - plane @ self.Q.T) / sigma0**2  # (n, d)
+
+
+# ---------------------------------------------------------------- model and loss
+class Energy(torch.nn.Module):
+    """E(x) = [(w1.h + b1)(w2.h + b2) + w3.(h*h) + b3] / sigma0^2 with h = SiLU(W x + b): a one-layer
+    MLP trunk with MDSM's "quadratic neuron" head; SiLU because grad E must be differentiable.
+    grad E lies in the span of the rows of W, so the width is at least d. The 1/sigma0^2 makes
+    the net itself model sigma0^2 E, whose gradient x~ - E[x|x~] has norm ~ sigma*sqrt(d)."""
+
+    def __init__(self, d, hidden, sigma0):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(d, max(hidden, d)), torch.nn.SiLU())
+        self.pair, self.square = torch.nn.Linear(max(hidden, d), 2), torch.nn.Linear(max(hidden, d), 1)
+        self.scale = 1 / sigma0**2
+
+    def forward(self, x):  # (n, d) -> (n,)
+        h = self.trunk(x)  # (n, H)
+        a = self.pair(h)  # (n, 2)
+        return self.scale * (a[:, 0] * a[:, 1] + self.square(h * h)[:, 0])
+
+
+def grad_energy(net, x, create_graph=False):
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    return torch.autograd.grad(net(x).sum(), x, create_graph=create_graph)[0]  # (n, d)
+
+
+def mdsm_loss(net, x, sigma, sigma0):
+    """Per sample ||x - x~ + sigma0^2 grad E(x~)||^2 / (sigma^2 sigma0^4), batch mean (MDSM eq. 10
+    with the authors' 1/sigma^2 weight). Single-noise DSM is the special case sigma = sigma0."""
+    x_noisy = x + sigma[:, None] * torch.randn_like(x)  # (B, d)
+    g = grad_energy(net, x_noisy, create_graph=True)
+    return ((x - x_noisy + sigma0**2 * g).pow(2).sum(1) / (sigma**2 * sigma0**4)).mean()
+
+
+def train(toy, multiscale, cfg, gen, tag):
+    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.LR)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.STEPS, eta_min=cfg.LR / 100)
+    # MDSM: one sigma per batch slot, linspace(SIGMA_MIN, SIGMA_MAX, B); single: every slot sigma0
+    sigma = (torch.linspace(cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.BATCH) if multiscale
+             else torch.full((cfg.BATCH,), cfg.SIGMA0))
+    t0 = time.time()
+    for step in range(1, cfg.STEPS + 1):
+        loss = mdsm_loss(net, toy.sample(cfg.BATCH, gen), sigma, cfg.SIGMA0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress(step, cfg.STEPS, t0, tag)
+        if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS:
+            # sigma0^4 * loss / d is ~1 for a useless model, and near 0 for a perfect denoiser
+            log_line(step, {"model": tag, "d": toy.d, "loss/d": cfg.SIGMA0**4 * loss.item() / toy.d,
+                            "it/s": step / (time.time() - t0)})
+    return net
+
+
+# ---------------------------------------------------------------- evaluation: gradient error vs distance
+PROBE_RATIOS = (0.3, 0.6, 1.0, 2.0, 5.0, 10.0)  # probe noise sigma_t / SIGMA0 (1 = the single shell)
+
+
+def gradient_errors(toy, nets, cfg, gen):
+    """Relative error ||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0."""
+    levels = torch.linspace(cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.BATCH)
+    errors = {"single": [], "multi": []}
+    for ratio in PROBE_RATIOS:
+        x = toy.sample(cfg.N_PROBE, gen)
+        x_noisy = x + ratio * cfg.SIGMA0 * torch.randn(x.shape, generator=gen)
+        targets = {"single": -toy.score(x_noisy, torch.tensor(cfg.SIGMA0)),  # exact grad of -log q_sigma0
+                   "multi": toy.mdsm_target(x_noisy, levels, cfg.SIGMA0)}  # exact optimum of the MDSM loss
+        for name, net in nets.items():
+            g = grad_energy(net, x_noisy)
+            errors[name].append(((g - targets[name]).norm(dim=1) / targets[name].norm(dim=1)).mean().item())
+    return errors
+
+
+# ---------------------------------------------------------------- sampling
+def temperatures(cfg):
+    """MDSM's schedule, shortened: T_MAX flat, geometric T_MAX -> 1, then linear 1 -> 0."""
+    anneal = [cfg.T_MAX * math.exp(-k * math.log(cfg.T_MAX) / cfg.ANNEAL_STEPS) for k in range(cfg.ANNEAL_STEPS)]
+    return [cfg.T_MAX] * cfg.WARM_STEPS + anneal + [1 - k / cfg.COOL_STEPS for k in range(cfg.COOL_STEPS)]
+
+
+def langevin(grad_fn, x, temps, step_size, gen):
+    """x <- x - 0.5 sigma_s^2 grad E(x) + sqrt(T) sigma_s xi: Langevin on exp(-E/T)."""
+    for T in temps:
+        x = x - 0.5 * step_size**2 * grad_fn(x) + math.sqrt(max(T, 0)) * step_size * torch.randn(x.shape, generator=gen)
+    return x.detach()
+
+
+def sample_quality(toy, x):
+    """Mode-weight error (total variation), median distance to the data plane, and the fraction
+    of samples "on the data": within 4 MODE_STD of a mode centre and of the plane (exact: 1.00)."""
+    x = torch.nan_to_num(x, nan=1e3).clamp(-1e3, 1e3)  # a diverged chain counts as far away
+    u, v2 = toy.split(x)
+    dist, k = torch.cdist(u, toy.centers).min(1)
+    freq = torch.bincount(k, minlength=3).float() / len(x)
+    on_data = (dist < 4 * toy.s) & (v2.sqrt() < 4 * toy.s)
+    return {"tv": 0.5 * (freq - toy.weights).abs().sum().item(), "plane": v2.sqrt().median().item(),
+            "on_data": on_data.float().mean().item(), "freq": freq.tolist()}
+
+
+def run_samplers(toy, nets, cfg, gen):
+    temps = temperatures(cfg)
+    x0 = cfg.INIT_STD * torch.randn(cfg.N_CHAINS, toy.d, generator=gen)  # broad noise around the data
+    s0 = torch.tensor(cfg.SIGMA0)
+    levels = torch.linspace(cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.BATCH)
+    fields = {  # grad E of each sampler; oracles use the exact optimum of each objective
+        "single": lambda x: grad_energy(nets["single"], x), "single oracle": lambda x: -toy.score(x, s0),
+        "multi": lambda x: grad_energy(nets["multi"], x), "multi oracle": lambda x: toy.mdsm_target(x, levels, cfg.SIGMA0)}
+    out = {}
+    for name, grad_fn in fields.items():
+        # plain Langevin at T = 1 for the single-noise energy, MDSM's annealing for the multiscale one
+        x = langevin(grad_fn, x0.clone(), [1.0] * len(temps) if "single" in name else temps, cfg.STEP_SIZE, gen)
+        x = x - cfg.SIGMA0**2 * grad_fn(x)  # final denoise (Tweedie at sigma0)
+        out[name] = (sample_quality(toy, x), x.detach())
+    return out
+
+
+# ---------------------------------------------------------------- figure and main
+def save_figure(conc, results, cfg, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
+    for d, r in conc:  # (a) radii concentrate: histogram of ||eps|| / sqrt(d)
+        ax[0, 0].hist((r / math.sqrt(d)).numpy(), bins=60, range=(0, 2), histtype="step", density=True, label=f"d={d}")
+    ax[0, 0].set(title="(a) ||x~ - x|| / (sigma sqrt d): a thin shell in high d", xlabel="radius / (sigma sqrt d)")
+    ax[0, 0].legend(fontsize=8)
+    dims = [d for d, _ in results]
+    for j, (name, title) in enumerate([("single", "(b) single-noise DSM: grad error"), ("multi", "(c) MDSM: grad error")]):
+        a = ax[0, j + 1]
+        for d, res in results:
+            a.plot(PROBE_RATIOS, res["errors"][name], "o-", label=f"d={d}")
+        a.axvline(1.0, color="k", ls=":", label="single-noise shell")
+        if name == "multi":
+            a.axvspan(cfg.SIGMA_MIN / cfg.SIGMA0, cfg.SIGMA_MAX / cfg.SIGMA0, color="g", alpha=0.08, label="MDSM sigma range")
+        a.set(xscale="log", yscale="log", title=title, xlabel="probe sigma_t / sigma0 (distance / single shell radius)",
+              ylabel="||g - g*|| / ||g*||", ylim=(1e-2, 1e2))
+        a.legend(fontsize=8)
+    for name, style in [("single", "o-"), ("single oracle", "o:"), ("multi", "s-"), ("multi oracle", "s:")]:
+        ax[1, 0].plot(dims, [res["samples"][name][0]["tv"] for _, res in results], style, label=name)
+        ax[1, 1].plot(dims, [res["samples"][name][0]["on_data"] for _, res in results], style, label=name)
+    ax[1, 0].set(xscale="log", title="(d) mode-weight error (TV) of samples", xlabel="d", ylim=(0, 1))
+    ax[1, 1].set(xscale="log", title="(e) fraction of samples on the data", xlabel="d", ylim=(-0.02, 1.02))
+    for a in ax[1, :2]:
+        a.legend(fontsize=8)
+    d, res = results[-1]  # (f) in-plane view of the samples at the largest d
+    for name, color in [("single", "tab:red"), ("multi", "tab:blue")]:
+        u = res["samples"][name][1] @ res["toy"].Q
+        ax[1, 2].scatter(u[:, 0], u[:, 1], s=4, alpha=0.5, color=color, label=name)
+    ax[1, 2].scatter(*res["toy"].centers.T, marker="x", color="k", s=80, label="modes (0.6/0.3/0.1)")
+    ax[1, 2].set(title=f"(f) samples, in-plane coordinates, d={d}", xlim=(-1.5, 1.5), ylim=(-1.5, 1.5), aspect="equal")
+    ax[1, 2].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    show_config(cfg)
+    try:
+        dims = [int(s) for s in cfg.DIMS.split(",")]
+        [int(s) for s in cfg.CONC_DIMS.split(",")]
+    except ValueError:
+        raise SystemExit("error: --dims and --conc_dims are comma-separated integers, e.g. --dims=2,16,128")
+    if min(dims) < 2 or not 0 < cfg.SIGMA_MIN < cfg.SIGMA_MAX:
+        raise SystemExit("error: every d must be >= 2 (the data plane is 2-D) and 0 < sigma_min < sigma_max")
+    pick_device(cfg.DEVICE)  # the toy runs on the CPU; this only validates the knob
+    if cfg.THREADS > 0:
+        torch.set_num_threads(cfg.THREADS)
+    set_seed(cfg.SEED)
+    gen = torch.Generator().manual_seed(cfg.SEED)
+    t0 = time.time()
+    conc = concentration_table(cfg, gen)
+    results = []
+    for d in dims:
+        print(f"\npart 2, d = {d}: train single-noise DSM (sigma = {cfg.SIGMA0}) and MDSM "
+              f"(sigma in [{cfg.SIGMA_MIN}, {cfg.SIGMA_MAX}]), {cfg.STEPS} steps each", flush=True)
+        toy = PlaneMixture(d, cfg, gen)
+        nets = {"single": train(toy, False, cfg, gen, "single"), "multi": train(toy, True, cfg, gen, "multi")}
+        results.append((d, {"toy": toy, "errors": gradient_errors(toy, nets, cfg, gen),
+                            "samples": run_samplers(toy, nets, cfg, gen)}))
+    print("\ngradient error ||g - g*|| / ||g*|| at x + sigma_t*eps (ratio = sigma_t / sigma0; 1 = single shell)")
+    print(f"{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
+    for d, res in results:
+        for name in ("single", "multi"):
+            print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name]))
+    print(f"\nsamples from N(0, {cfg.INIT_STD}^2 I) after {len(temperatures(cfg))} Langevin steps + denoise "
+          f"(exact samples: tv ~0.02, plane 0, on data 1.00, weights 0.60/0.30/0.10)")
+    print(f"{'d':>5} {'sampler':>14} {'tv':>6} {'plane':>9} {'on data':>8}  mode weights")
+    for d, res in results:
+        for name, (q, _) in res["samples"].items():
+            print(f"{d:>5} {name:>14} {q['tv']:6.3f} {q['plane']:9.3g} {q['on_data']:8.2f}  "
+                  + "/".join(f"{f:.2f}" for f in q["freq"]))
+    path = os.path.join(cfg.OUT_DIR, "02_single_noise_failure.png")
+    save_figure(conc, results, cfg, path)
+    print(f"\nwrote {path} | total {format_time(time.time() - t0)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
