@@ -461,7 +461,7 @@ def plot_toy(rho, logp_db, slopes, data_rho, cfg):
         ax.set_xlabel("r / sqrt(d)")
         ax.set_xlim(0, 5)
     axes[0].set_ylabel("log p(x)  [dB/dim]")
-    axes[0].set_ylim(logp_db["true"].min() - 1, logp_db["true"].max() + 1)
+    axes[0].set_ylim(min(v.min() for v in logp_db.values()) - 1, max(v.max() for v in logp_db.values()) + 1)
     axes[1].set_ylabel("d log p / d(r/sqrt d)  [dB/dim]")
     axes[1].set_ylim(np.min(slopes["true"]) * 1.3, np.max(slopes["true"]) * 1.3 + 1)
     axes[2].set_ylabel("model - true  [dB/dim]")

@@ -73,11 +73,11 @@ def test_normalization_recovers_the_log_normalizer(script):
 
 def test_toy_training_dual_gets_the_normalization_and_single_does_not(script, tmp_path):
     m = script("05_dual_score.py")
-    summary = m.main(["--toy_dim=50", "--toy_steps=400", "--toy_samples=5000", "--toy_halve_every=150",
-                      "--toy_lr=2e-3", f"--out_dir={tmp_path}"])
+    summary = m.main(["--toy_dim=100", "--toy_steps=600", "--toy_samples=5000", "--toy_halve_every=300",
+                      f"--out_dir={tmp_path}"])
     assert (tmp_path / "05_dual_score.png").exists()
-    assert summary["dual"]["rms"] < 0.6, summary                                # dB/dim
-    assert summary["single"]["rms"] > 2 * summary["dual"]["rms"], summary
+    assert summary["dual"]["rms"] < 1.0, summary                                # dB/dim (seen: 0.57)
+    assert summary["single"]["rms"] > 3 * summary["dual"]["rms"], summary       # (seen: 6.2)
 
 
 def test_image_mode_smoke_on_tiny_npz(script, tmp_path):
