@@ -390,7 +390,7 @@ def toy_lesson(cfg):
     runs["NCSN annealed (levels)"] = ncsn_langevin(x0, std, sigmas, cfg.NCSN_STEPS, cfg.NCSN_EPS)
     temps = mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.T_MAX)
     runs["MDSM chain, before the denoise"] = toy_mdsm_chain(x0, temps, cfg.STEP_SIZE, cfg.TOY_SIGMA0, std)
-    runs["MDSM annealed + Tweedie denoise"] = tweedie_denoise(
+    runs["MDSM annealed + final denoise"] = tweedie_denoise(
         lambda y: mixture_energy(y, cfg.TOY_SIGMA0, std), runs["MDSM chain, before the denoise"], cfg.TOY_SIGMA0)
     print(f"toy: {n} chains per sampler, {len(TOY_WEIGHTS)} modes of std {std} in 2-D, "
           f"{time.time() - t0:.1f} s for all chains")
