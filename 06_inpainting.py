@@ -558,13 +558,14 @@ def restore(model, task, M, mask, truth, cfg, sigma0):
         known = truth * (1 - mask_b)  # the sampler only ever reads the known pixels of truth
         x = masked_langevin(model, known, mask_b, cfg, sigma0)
         # MDSM's final one-step denoise (Tweedie at sigma0), applied to the generated pixels only
-        return torch.where(mask_b > 0, sampler.tweedie_denoise(model, x, sigma0), known)
+        steps = cfg.N_HOT + cfg.N_ANNEAL + cfg.N_COOL
+        return torch.where(mask_b > 0, sampler.tweedie_denoise(model, x, sigma0), known), steps
     if cfg.MASK_SAMPLER not in ("langevin", "projected"):
         raise SystemExit(f"error: --mask_sampler={cfg.MASK_SAMPLER}; use langevin or projected")
     # D(y) = y - sigma0^2 grad E(y): a blind denoiser for every noise level MDSM was trained on
     denoise = lambda y: sampler.tweedie_denoise(model, y.view(-1, *shape), sigma0).flatten(1)
     y, steps = projected_sampler(denoise, M, m, cfg)
-    return y.view(B, *shape)
+    return y.view(B, *shape), steps
 
 
 def checkpoint_experiment(cfg):
@@ -589,7 +590,7 @@ def checkpoint_experiment(cfg):
           f"{dataset} {shape}, {cfg.N_SAMPLES} samples each, device {device}")
     g = torch.Generator().manual_seed(cfg.SEED)
     print(f"  {'task':<8} {'sampler':<10} {'measured':>9} {'PSNR mean':>10} {'PSNR 1 smp':>11} "
-          f"{'PSNR pinv':>10} {'max|Mx-m|':>10} {'time':>7}")
+          f"{'PSNR pinv':>10} {'max|Mx-m|':>10} {'steps':>6} {'time':>7}")
     results = {}
     for task in [t.strip() for t in cfg.TASKS.split(",") if t.strip()]:
         M, mask = task_operator(task, shape, cfg, g)
@@ -598,7 +599,8 @@ def checkpoint_experiment(cfg):
         truth = images.to(device).repeat_interleave(cfg.N_SAMPLES, 0)  # (n*S, C, H, W)
         t0, parts = time.time(), []
         for i in range(0, len(truth), cfg.BATCH):
-            parts.append(restore(model, task, M, mask, truth[i:i + cfg.BATCH], cfg, sigma0).detach())
+            x_hat, steps = restore(model, task, M, mask, truth[i:i + cfg.BATCH], cfg, sigma0)
+            parts.append(x_hat.detach())
         samples = torch.cat(parts).view(n, cfg.N_SAMPLES, *shape)
         x = images.to(device)
         m = x.flatten(1) @ M.T
@@ -612,7 +614,7 @@ def checkpoint_experiment(cfg):
                              psnr_pinv=psnr(pinv, x), gap=gap, seconds=time.time() - t0)
         r = results[task]
         print(f"  {task:<8} {sampler_name:<10} {M.shape[0]:>9} {r['psnr_mean']:>10.2f} {r['psnr_sample']:>11.2f} "
-              f"{r['psnr_pinv']:>10.2f} {gap:>10.2e} {r['seconds']:>6.0f}s", flush=True)
+              f"{r['psnr_pinv']:>10.2f} {gap:>10.2e} {steps:>6} {r['seconds']:>6.0f}s", flush=True)
         rows = torch.cat([pinv[:, None], samples, samples.mean(1, keepdim=True), x[:, None]], 1)
         path = os.path.join(cfg.OUT_DIR, f"{task}.png")
         save_image_grid(rows.flatten(0, 1).cpu(), path, nrow=cfg.N_SAMPLES + 3)
