@@ -548,7 +548,7 @@ def task_operator(task, shape, cfg, generator):
     raise SystemExit(f"error: unknown task {task!r} in --tasks; use right, centre, random, sr2, sr4, cs")
 
 
-def restore(model, task, M, mask, truth, cfg, sigma0):
+def restore(model, M, mask, truth, cfg, sigma0):
     """Posterior samples (B, C, H, W) for the images truth (B, C, H, W) measured by M."""
     sampler = sampler_module()
     B, shape = truth.shape[0], truth.shape[1:]
@@ -560,8 +560,6 @@ def restore(model, task, M, mask, truth, cfg, sigma0):
         # MDSM's final one-step denoise (Tweedie at sigma0), applied to the generated pixels only
         steps = cfg.N_HOT + cfg.N_ANNEAL + cfg.N_COOL
         return torch.where(mask_b > 0, sampler.tweedie_denoise(model, x, sigma0), known), steps
-    if cfg.MASK_SAMPLER not in ("langevin", "projected"):
-        raise SystemExit(f"error: --mask_sampler={cfg.MASK_SAMPLER}; use langevin or projected")
     # D(y) = y - sigma0^2 grad E(y): a blind denoiser for every noise level MDSM was trained on
     denoise = lambda y: sampler.tweedie_denoise(model, y.view(-1, *shape), sigma0).flatten(1)
     y, steps = projected_sampler(denoise, M, m, cfg)
@@ -569,6 +567,12 @@ def restore(model, task, M, mask, truth, cfg, sigma0):
 
 
 def checkpoint_experiment(cfg):
+    tasks = [t.strip() for t in cfg.TASKS.split(",") if t.strip()]
+    for task in tasks:  # check the options before minutes of sampling, not after
+        task_operator(task, (1, 8, 8), cfg, torch.Generator())
+    if cfg.MASK_SAMPLER not in ("langevin", "projected"):
+        raise SystemExit(f"error: --mask_sampler={cfg.MASK_SAMPLER}; use langevin or projected")
+    known_noise_fn(cfg, cfg.SIGMA0)
     mdsm = load_numbered("03_mdsm_train.py")  # 03's data loading, EnergyNet and checkpoints, reused
     device = pick_device(cfg.DEVICE)
     model, ckpt = mdsm.load_model(cfg.CKPT, device=device, use_ema=cfg.USE_EMA)
@@ -592,14 +596,14 @@ def checkpoint_experiment(cfg):
     print(f"  {'task':<8} {'sampler':<10} {'measured':>9} {'PSNR mean':>10} {'PSNR 1 smp':>11} "
           f"{'PSNR pinv':>10} {'max|Mx-m|':>10} {'steps':>6} {'time':>7}")
     results = {}
-    for task in [t.strip() for t in cfg.TASKS.split(",") if t.strip()]:
+    for task in tasks:
         M, mask = task_operator(task, shape, cfg, g)
         M = M.to(device)
         mask = None if mask is None else mask.to(device)
         truth = images.to(device).repeat_interleave(cfg.N_SAMPLES, 0)  # (n*S, C, H, W)
         t0, parts = time.time(), []
         for i in range(0, len(truth), cfg.BATCH):
-            x_hat, steps = restore(model, task, M, mask, truth[i:i + cfg.BATCH], cfg, sigma0)
+            x_hat, steps = restore(model, M, mask, truth[i:i + cfg.BATCH], cfg, sigma0)
             parts.append(x_hat.detach())
         samples = torch.cat(parts).view(n, cfg.N_SAMPLES, *shape)
         x = images.to(device)
