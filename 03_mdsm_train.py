@@ -334,10 +334,16 @@ def read_array_file(path, split):
                          f"or a .npz/.npy of uint8 images (N, H, W) or (N, H, W, C)")
     data = np.load(path)
     if isinstance(data, np.ndarray):
+        if split == "test":
+            raise SystemExit(f"error: {path} is one array of training images; for test images save a "
+                             f".npz with x_train and x_test")
         x = data
     else:
         key = {"train": "x_train", "test": "x_test"}[split]
-        x = data[key] if key in data.files else data[data.files[0]]
+        if key not in data.files and split == "test":
+            raise SystemExit(f"error: {path} has no x_test array, so there are no test images; "
+                             f"save held-out images as x_test (arrays found: {', '.join(data.files)})")
+        x = data[key] if key in data.files else data[data.files[0]]  # a single array = training images
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise SystemExit(f"error: {path} holds {x.dtype} {x.shape}; expected uint8 images (N, H, W) or (N, H, W, C)")
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)

@@ -4,9 +4,13 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen in tests
+# The test models are tiny: one thread is as fast as two on a quiet machine and many times faster
+# on a busy one, where two threads per process oversubscribe the cores.
+torch.set_num_threads(1)
 
 
 def load_script(filename):

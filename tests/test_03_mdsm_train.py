@@ -131,6 +131,10 @@ def test_npz_and_npy_of_user_images(tmp_path):
     assert m.load_images(str(tmp_path / "mine.npz"), split="test").shape == (2, 3, 16, 24)
     np.save(tmp_path / "gray.npy", hwc[..., 0])
     assert m.load_images(str(tmp_path / "gray.npy")).shape == (7, 1, 16, 24)
+    np.savez(tmp_path / "train_only.npz", hwc)
+    assert m.load_images(str(tmp_path / "train_only.npz")).shape == (7, 3, 16, 24)
+    with pytest.raises(SystemExit, match="no x_test array"):
+        m.load_images(str(tmp_path / "train_only.npz"), split="test")
     np.save(tmp_path / "bad.npy", hwc.astype(np.float32))
     with pytest.raises(SystemExit, match="expected uint8"):
         m.load_images(str(tmp_path / "bad.npy"))
