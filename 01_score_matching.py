@@ -306,7 +306,7 @@ class EnergyMLP(nn.Module):
     """E(x) = MLP(x), (B, 2) -> (B,). SiLU is smooth, so the Hessian needed by exact SM exists
     (with ReLU the trace of the Hessian would be zero almost everywhere)."""
 
-    def __init__(self, hidden=128, dim=2):
+    def __init__(self, hidden=64, dim=2):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
@@ -359,6 +359,7 @@ def sliced_sm_loss(energy_fn, x, n_projections=1, variance_reduced=True):
     v_s = (v * s).sum(1)  # (M*B,) v^T s
     v_jac_v = (torch.autograd.grad(v_s.sum(), x, create_graph=True)[0] * v).sum(1)  # v^T (grad_x s) v
     second = 0.5 * (s**2).sum(1) if variance_reduced else 0.5 * v_s**2
+    # SSM: J = E_x E_v[ v^T (grad_x s) v + 0.5 (v^T s)^2 ]; unbiased for exact SM since E_v[v v^T] = I
     return (v_jac_v + second).mean()
 
 
