@@ -14,12 +14,13 @@ like images it is a low-dimensional data set in a high-dimensional space, its no
 q_sigma is a Gaussian mixture in the plane times N(0, sigma^2 I) across it, so grad log q_sigma,
 the exact optimum of the MDSM objective and exact Langevin are closed form at every d, and the
 unequal weights show whether a sampler finds the right mass per mode. The same MLP energy (no
-sigma input) is trained by single-noise DSM (sigma = sigma0 = 0.1) and by MDSM (sigma ~ U[0.05,1.2]
-laid out across the batch), with the same budget; we then measure the gradient error at probe
-points x + sigma_t*eps at distances from 0.3x to 10x the single-noise shell, and sample from broad
-noise N(0, I) (the sigma = 1 shell, like MDSM's 0.5 + N(0, I)) with plain Langevin (single) and
-MDSM's annealed Langevin (multiscale). Oracle chains driven by the exact fields separate what the
-sampler can do at best from what the learned energy gets wrong.
+sigma input; it also sees r = ||x||/sqrt(d), see "What we find") is trained by single-noise DSM
+(sigma = sigma0 = 0.1) and by MDSM (sigma ~ U[0.05,1.2] laid out across the batch), with the same
+budget; we then measure the gradient error at probe points x + sigma_t*eps at distances from 0.3x
+to 10x the single-noise shell, and sample from broad noise N(0, I) (the sigma = 1 shell, like
+MDSM's 0.5 + N(0, I)) with plain Langevin (single) and MDSM's annealed Langevin (multiscale).
+Oracle chains driven by the exact fields separate what the sampler can do at best from what the
+learned energy gets wrong.
 
 What "right" means (derived): the per-sample MDSM loss ||x - x~ + sigma0^2 grad E(x~)||^2 /
 (sigma^2 sigma0^4) is minimized pointwise by sigma0^2 g*(x~) = sum_j w_j (x~ - E[x|x~,s_j]) with
@@ -28,21 +29,40 @@ In high d only the level whose shell passes through x~ has weight, so at distanc
 the target is -(sigma_t^2/sigma0^2) grad log q_{sigma_t}: temperature T = sigma_t^2/sigma0^2.
 With a single level the target is -grad log q_sigma0 everywhere. Errors are ||g - g*|| / ||g*||.
 
-What we find (defaults, 2-core CPU, seed 0; numbers in the README): the concentration formulas
-hold (d = 3072: mean 55.44 vs sqrt(d) = 55.43, std 0.71 vs 1/sqrt(2)). The single-noise gradient
-error is ~0.12 on its shell and grows to 0.65-1.1 where chains start (10x the shell, d >= 128);
-MDSM's stays 0.1-0.2 across its range. Inside the shell the single-noise model is NOT worse than
-MDSM here (~0.2 both): the quadratic head extrapolates inward, so the claim "unconstrained on the
-data" is weaker than the paper says for this network. Sampling: single-noise chains land on the
-data for 86% / 59% of chains at d = 2 / 16 but 5% / 1% at d = 128 / 256 (many fly off), and even
-exact single-noise Langevin gets the mode weights wrong (TV ~0.27 at every d: no mixing between
-modes). MDSM gets the weights right at every d (TV <= 0.11), but with this small budget its
-samples also miss the data at high d (on data 70% / 58% / 28% / 2%) while its exact-field oracle
-is at 100%: more training (--steps) is what the learned multiscale model needs, the single-noise
-one has no signal where its chains travel.
+What we find (defaults, 2-core CPU, seed 0, about 1 minute): the concentration formulas hold
+(d = 3072: mean 55.44 vs sqrt(d) = 55.43, std 0.71 vs 1/sqrt(2)). Gradients: the single-noise
+error is 0.05-0.08 on its shell (d >= 16) and grows to 0.5-0.85 10x outside it (d = 128, 256),
+and its in-plane part (below) to 3-7; at d = 256 it is also 1.1 at 0.3x, inside the shell. MDSM
+stays at 0.03-0.12 over the whole range at d = 128 and 256. Sampling: exact single-noise Langevin
+gets the mode weights wrong at every d (TV ~0.25: no mixing between modes), exact MDSM annealing
+gets them right (TV <= 0.05, 100% on data). The learned single-noise energy puts 30% / 35% of
+its samples on the data at d = 128 / 256 (TV 0.17 / 0.48), the learned MDSM energy 30% / 50%
+(TV 0.11 / 0.20): better, but far from its oracle.
 
-Run:  python 02_single_noise_failure.py                          (about 1.5 minutes on a CPU)
-      python 02_single_noise_failure.py --dims=2,16,128,512,1024 --steps=3000  (bigger, slower)
+Why the learned MDSM energy falls short (measured; the second and third tables): g* has two
+parts, the pull back onto the plane (d-2 components, = v/sigma0^2 at every level) and the 2-D
+in-plane pull towards a mode, 5-15x smaller, so the total error hides the in-plane one. Its
+optimum scales the in-plane pull by T = sigma^2/sigma0^2, with sigma read off the radius: a
+product of a function of ||v|| and one of the in-plane position. With x alone as input
+(--radius_input=false) the one-layer net does not learn that product: at d = 256 its in-plane
+field has 0.33-0.40 of the exact strength where chains start (ratio 5-10) and 1.4-3 relative
+error near the data, chains spread to a median in-plane radius 1.8-2.0 at T ~ 27 (exact 0.84)
+and never come back, and only 7% of the samples land on the data (128: 23%). Neither 6000
+steps, a 2-layer trunk, width 1024, lr 1e-3 / 1e-2 nor a 5x first-layer init fixed that (0-16%;
+35% for width 1024 and 1600 steps). Feeding r = ||x||/sqrt(d) as one extra input (a function of
+x, so E stays one unconditional energy; in high d r ~ sigma on the sigma shell) brings the far
+in-plane error from 0.78 to 0.11 and the strength to ~1, and the on-data fraction to 50%. What
+is left is the in-plane field near the data (error 0.7-1.3 at ratios 0.6-2 for d = 128 / 256,
+too weak by 1.5-2x at T = 0.4-4, so chains end too often in the heavy mode): 4000 or 8000
+steps did not move it (51% / 58% on data at d = 256). The shortened sampler is not the problem
+(the exact field reaches 100% with it); its cool-down is MDSM's 200 steps (with 50, even exact
+chains were still ~1.1 from the plane before the final denoise). Lesson: MDSM's schedule works
+with the right field, and the multiscale energy is right far out where single-noise DSM is
+wrong, but learning the low-dimensional structure near the data in high d needs more than this
+toy budget and network (the paper: a deep ResNet, 300k steps).
+
+Run:  python 02_single_noise_failure.py                          (about 1 minute on a CPU)
+      python 02_single_noise_failure.py --dims=2,16,128,512 --steps=6000 --hidden=1024  (bigger, slower)
 """
 import math
 import os
@@ -64,7 +84,8 @@ SIGMA_MAX = 1.2             # MDSM: largest sigma (CIFAR-10: 1.2)
 MODE_STD = 0.05             # std of each mixture mode inside the data plane
 MODE_RADIUS = 0.6           # modes sit on a circle of this radius in the plane
 HIDDEN = 256                # width of the energy's hidden layer (raised to d if smaller)
-STEPS = 800                 # Adam steps per model (same for both models)
+RADIUS_INPUT = True         # also feed ||x||/sqrt(d) to the energy (a function of x; false = plain MLP)
+STEPS = 2400                # Adam steps per model (same for both models)
 BATCH = 128                 # training batch (one sigma per slot for MDSM)
 LR = 3e-3                   # Adam learning rate, cosine-decayed to 1% of it
 LOG_EVERY = 200             # print a log line every this many steps
@@ -75,7 +96,7 @@ STEP_SIZE = 0.02            # Langevin sigma_s (MDSM: 0.02); update -0.5 sigma_s
 T_MAX = 100.0               # starting temperature (MDSM: 100, i.e. sigma = 1)
 WARM_STEPS = 50             # steps at T_MAX (MDSM: 500)
 ANNEAL_STEPS = 400          # geometric decay T_MAX -> 1 (MDSM: 2000)
-COOL_STEPS = 50             # linear decay 1 -> 0 (MDSM: 200)
+COOL_STEPS = 200            # linear decay 1 -> 0 (MDSM: 200)
 OUT_DIR = "out/02_single_noise_failure"  # figure and table go here
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
@@ -339,18 +360,26 @@ class PlaneMixture:
 
 # ---------------------------------------------------------------- model and loss
 class Energy(torch.nn.Module):
-    """E(x) = [(w1.h + b1)(w2.h + b2) + w3.(h*h) + b3] / sigma0^2 with h = SiLU(W x + b): a one-layer
+    """E(x) = [(w1.h + b1)(w2.h + b2) + w3.(h*h) + b3] / sigma0^2 with h = SiLU(W [x, r] + b): a one-layer
     MLP trunk with MDSM's "quadratic neuron" head; SiLU because grad E must be differentiable.
     grad E lies in the span of the rows of W, so the width is at least d. The 1/sigma0^2 makes
-    the net itself model sigma0^2 E, whose gradient x~ - E[x|x~] has norm ~ sigma*sqrt(d)."""
+    the net itself model sigma0^2 E, whose gradient x~ - E[x|x~] has norm ~ sigma*sqrt(d).
+    r = ||x|| / sqrt(d) (radius_input) is an extra input computed from x alone, so E stays one
+    unconditional energy. In high d it reads off the noise level (r ~ sigma on the sigma shell),
+    and the MDSM optimum needs exactly that: its in-plane pull is scaled by T = sigma^2/sigma0^2,
+    a product of a function of the radius and one of the in-plane position, which a one-layer
+    MLP on x alone does not learn (measured: see the in-plane tables, --radius_input=false)."""
 
-    def __init__(self, d, hidden, sigma0):
+    def __init__(self, d, hidden, sigma0, radius_input=True):
         super().__init__()
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(d, max(hidden, d)), torch.nn.SiLU())
+        self.radius_input = radius_input
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(d + radius_input, max(hidden, d)), torch.nn.SiLU())
         self.pair, self.square = torch.nn.Linear(max(hidden, d), 2), torch.nn.Linear(max(hidden, d), 1)
         self.scale = 1 / sigma0**2
 
     def forward(self, x):  # (n, d) -> (n,)
+        if self.radius_input:
+            x = torch.cat([x, x.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1])], 1)  # (n, d+1)
         h = self.trunk(x)  # (n, H)
         a = self.pair(h)  # (n, 2)
         return self.scale * (a[:, 0] * a[:, 1] + self.square(h * h)[:, 0])
@@ -370,7 +399,7 @@ def mdsm_loss(net, x, sigma, sigma0):
 
 
 def train(toy, multiscale, cfg, gen, tag):
-    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0)
+    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0, cfg.RADIUS_INPUT)  # the same network for both models
     opt = torch.optim.Adam(net.parameters(), lr=cfg.LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.STEPS, eta_min=cfg.LR / 100)
     # MDSM: one sigma per batch slot, linspace(SIGMA_MIN, SIGMA_MAX, B); single: every slot sigma0
@@ -396,17 +425,23 @@ PROBE_RATIOS = (0.3, 0.6, 1.0, 2.0, 5.0, 10.0)  # probe noise sigma_t / SIGMA0 (
 
 
 def gradient_errors(toy, nets, cfg, gen):
-    """Relative error ||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0."""
+    """Relative error ||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0, and the
+    same for the in-plane part alone (keys "<model> plane"). Across the plane g* = v / sigma0^2
+    has d-2 components and dominates ||g*||; the 2-D in-plane part, which decides which mode a
+    chain falls into, is 5-15x smaller, so a small total error can hide a useless in-plane field."""
     levels = torch.linspace(cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.BATCH)
-    errors = {"single": [], "multi": []}
+    errors = {key: [] for name in nets for key in (name, name + " plane", name + " gain")}
     for ratio in PROBE_RATIOS:
         x = toy.sample(cfg.N_PROBE, gen)
         x_noisy = x + ratio * cfg.SIGMA0 * torch.randn(x.shape, generator=gen)
         targets = {"single": -toy.score(x_noisy, torch.tensor(cfg.SIGMA0)),  # exact grad of -log q_sigma0
                    "multi": toy.mdsm_target(x_noisy, levels, cfg.SIGMA0)}  # exact optimum of the MDSM loss
         for name, net in nets.items():
-            g = grad_energy(net, x_noisy)
+            g = grad_energy(net, x_noisy)  # (n, d)
             errors[name].append(((g - targets[name]).norm(dim=1) / targets[name].norm(dim=1)).mean().item())
+            g_u, t_u = g @ toy.Q, targets[name] @ toy.Q  # (n, 2) in-plane coordinates
+            errors[name + " plane"].append(((g_u - t_u).norm(dim=1) / t_u.norm(dim=1)).mean().item())
+            errors[name + " gain"].append((g_u.norm(dim=1).mean() / t_u.norm(dim=1).mean()).item())  # 1 = right strength
     return errors
 
 
@@ -465,10 +500,12 @@ def save_figure(conc, results, cfg, path):
     ax[0, 0].set(title="(a) ||x~ - x|| / (sigma sqrt d): a thin shell in high d", xlabel="radius / (sigma sqrt d)")
     ax[0, 0].legend(fontsize=8)
     dims = [d for d, _ in results]
-    for j, (name, title) in enumerate([("single", "(b) single-noise DSM: grad error"), ("multi", "(c) MDSM: grad error")]):
+    for j, (name, title) in enumerate([("single", "(b) single-noise DSM: grad error (dashed: in-plane)"),
+                                          ("multi", "(c) MDSM: grad error (dashed: in-plane)")]):
         a = ax[0, j + 1]
-        for d, res in results:
-            a.plot(PROBE_RATIOS, res["errors"][name], "o-", label=f"d={d}")
+        for d, res in results:  # solid: whole gradient; dashed: its in-plane part (the pull towards a mode)
+            line, = a.plot(PROBE_RATIOS, res["errors"][name], "o-", label=f"d={d}")
+            a.plot(PROBE_RATIOS, res["errors"][name + " plane"], "x--", color=line.get_color(), alpha=0.6)
         a.axvline(1.0, color="k", ls=":", label="single-noise shell")
         if name == "multi":
             a.axvspan(cfg.SIGMA_MIN / cfg.SIGMA0, cfg.SIGMA_MAX / cfg.SIGMA0, color="g", alpha=0.08, label="MDSM sigma range")
@@ -525,6 +562,14 @@ def main(argv=None):
     for d, res in results:
         for name in ("single", "multi"):
             print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name]))
+    print("\nthe same error for the in-plane part of g only (the 2-D pull towards the modes)")
+    print(f"{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
+    for d, res in results:
+        for name in ("single", "multi"):
+            print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name + " plane"]))
+    print(f"{'':>5} {'':>7} in-plane strength |g| / |g*| of the MDSM field (1 = right; the exact one grows with T):")
+    for d, res in results:
+        print(f"{d:>5} {'multi':>7} " + " ".join(f"{e:7.3f}" for e in res["errors"]["multi gain"]))
     print(f"\nsamples from N(0, {cfg.INIT_STD}^2 I) after {len(temperatures(cfg))} Langevin steps + denoise "
           f"(exact samples: tv ~0.02, plane 0, on data 1.00, weights 0.60/0.30/0.10)")
     print(f"{'d':>5} {'sampler':>14} {'tv':>6} {'plane':>9} {'on data':>8}  mode weights")
@@ -532,6 +577,12 @@ def main(argv=None):
         for name, (q, _) in res["samples"].items():
             print(f"{d:>5} {name:>14} {q['tv']:6.3f} {q['plane']:9.3g} {q['on_data']:8.2f}  "
                   + "/".join(f"{f:.2f}" for f in q["freq"]))
+    d, res = results[-1]
+    e, q = res["errors"], {name: v[0] for name, v in res["samples"].items()}
+    print(f"\nreading (d = {d}): 10x outside the single shell the gradient error is {e['single'][-1]:.2f} (single) vs "
+          f"{e['multi'][-1]:.2f} (MDSM); annealing with MDSM's exact field puts {q['multi oracle']['on_data']:.2f} of the "
+          f"samples on the data (TV {q['multi oracle']['tv']:.2f}), the learned MDSM energy {q['multi']['on_data']:.2f}: "
+          f"its in-plane error near the data is {e['multi plane'][0]:.2f} although its total error there is {e['multi'][0]:.2f}")
     path = os.path.join(cfg.OUT_DIR, "02_single_noise_failure.png")
     save_figure(conc, results, cfg, path)
     print(f"\nwrote {path} | total {format_time(time.time() - t0)}")

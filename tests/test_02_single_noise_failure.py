@@ -62,10 +62,11 @@ def test_mdsm_target_is_the_weighted_tweedie_mixture(script):
 def test_single_noise_is_accurate_only_on_its_shell(script):
     """Train both models briefly at d = 64. The single-noise gradient error 10x outside its shell
     (where chains start) is several times its on-shell error; the MDSM model's is not larger
-    there. (Training the 'multi' model with multiscale=False makes this test fail.)"""
+    there, and its in-plane part (the pull towards a mode) is far better than the single-noise
+    one out there. (Training the 'multi' model with multiscale=False makes this test fail.)"""
     m = script(FILE)
     torch.manual_seed(0)
-    toy, cfg, gen = make_toy(m, 64, ["--steps=400", "--log_every=1000", "--n_probe=128"])
+    toy, cfg, gen = make_toy(m, 64, ["--steps=1200", "--log_every=10000", "--n_probe=128"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: extra threads only add overhead (as the script's THREADS knob)
     try:
@@ -77,6 +78,7 @@ def test_single_noise_is_accurate_only_on_its_shell(script):
     assert err["single"][on] < 0.3, err
     assert err["single"][far] > 3 * err["single"][on] and err["single"][far] > 0.5, err
     assert err["multi"][far] < 1.5 * err["multi"][on] and err["multi"][far] < 0.4, err
+    assert err["single plane"][far] > 2 * err["multi plane"][far], err
 
 
 def test_main_smoke_writes_figure(script, tmp_path):
@@ -87,7 +89,8 @@ def test_main_smoke_writes_figure(script, tmp_path):
     assert [d for d, _ in results] == [2, 8]
     for _, res in results:
         assert set(res["samples"]) == {"single", "single oracle", "multi", "multi oracle"}
-        assert all(math.isfinite(e) for e in res["errors"]["single"] + res["errors"]["multi"])
+        assert all(math.isfinite(e) for errs in res["errors"].values() for e in errs)
+        assert set(res["errors"]) == {f"{n}{k}" for n in ("single", "multi") for k in ("", " plane", " gain")}
 
 
 def test_bad_dims_give_a_one_line_error(script):
