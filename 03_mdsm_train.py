@@ -697,8 +697,8 @@ def benchmark(cfg, data, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         ms = (time.time() - t) / cfg.BENCH_STEPS * 1000
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        print(f"{name:<30} {ms:8.1f} ms/step | {cfg.BATCH_SIZE / ms * 1000:8.0f} img/s | peak {mem:.2f} GiB | "
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
+        print(f"{name:<30} {ms:8.1f} ms/step | {cfg.BATCH_SIZE / ms * 1000:8.0f} img/s | peak {mem} | "
               f"grad rel. error vs fp32 {err:.2e} | {cfg.STEPS} steps = {format_time(ms * cfg.STEPS / 1000)}",
               flush=True)
     return model
