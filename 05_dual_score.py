@@ -69,6 +69,7 @@ FLIP = True                # random horizontal flips (off automatically for mnis
 LOG_EVERY = 100            # steps between log lines
 CKPT = ""                  # checkpoint path ("" = OUT_DIR/<dataset>.pt); --resume continues it
 RESUME = False             # continue from CKPT if it exists
+CKPT_EVERY = 1000          # steps between checkpoints (one more at the end)
 EVAL_ONLY = False          # load CKPT and only evaluate
 STRONG_GEN = False         # train two models on disjoint halves and compare their log p
 BENCHMARK = False          # time a few training steps and print ms/step, then stop
@@ -585,6 +586,10 @@ def train_images(model, x_train, cfg, device, ckpt_path, mdsm):
         sched.load_state_dict(ck["scheduler"])
         start = ck["step"]
         print(f"resumed at step {start}")
+    elif os.path.exists(ckpt_path) and not cfg.BENCHMARK:
+        raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, --eval_only to "
+                         f"evaluate it, or another --out_dir (nothing was overwritten)")
+    x_train = x_train.to(device)  # the whole set stays on the device; batches are drawn there
     flip = cfg.FLIP and x_train.shape[1] == 3
     steps = 23 if cfg.BENCHMARK else cfg.STEPS
     t_start, timed = time.time(), None
@@ -593,7 +598,7 @@ def train_images(model, x_train, cfg, device, ckpt_path, mdsm):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             timed = time.time()
-        x = mdsm.images_to_float(x_train[torch.randint(len(x_train), (cfg.BATCH,))]).to(device)
+        x = mdsm.images_to_float(x_train[torch.randint(len(x_train), (cfg.BATCH,), device=device)])
         if flip:
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
         t = log_uniform(len(x), cfg.T_MIN, cfg.T_MAX, device)
@@ -603,10 +608,18 @@ def train_images(model, x_train, cfg, device, ckpt_path, mdsm):
         loss.backward()
         opt.step()
         sched.step()
-        progress(step, steps, t_start)
+        progress(step - start, steps - start, t_start)
+        save_now = not cfg.BENCHMARK and (step % cfg.CKPT_EVERY == 0 or step == steps)
+        if step % cfg.LOG_EVERY == 0 or save_now:
+            if not math.isfinite(loss.item()):  # never save a diverged model: the last checkpoint stays good
+                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; stopped without saving "
+                                 f"(last checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'}). "
+                                 f"Try a lower --lr")
         if step % cfg.LOG_EVERY == 0 or step == steps:
             log_line(step, {"loss": loss.item(), "dsm": dsm.mean().item(), "tsm": tsm.mean().item(),
                             "it/s": (step - start) / (time.time() - t_start)})
+        if save_now:
+            mdsm.save_checkpoint(mdsm.make_checkpoint(model, vars(cfg), step, opt, sched, kind="dual-score"), ckpt_path)
     if cfg.BENCHMARK:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -614,7 +627,6 @@ def train_images(model, x_train, cfg, device, ckpt_path, mdsm):
         print(f"benchmark | {device} | width {cfg.WIDTH} | batch {cfg.BATCH} | {ms:.1f} ms/step")
         return None
     if steps > start:
-        mdsm.save_checkpoint(mdsm.make_checkpoint(model, vars(cfg), steps, opt, sched, kind="dual-score"), ckpt_path)
         print(f"checkpoint: {ckpt_path}")
     return model
 

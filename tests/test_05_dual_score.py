@@ -91,6 +91,10 @@ def test_image_mode_smoke_on_tiny_npz(script, tmp_path):
     bpd = m.main(args)
     assert math.isfinite(bpd) and (tmp_path / "tiny.pt").exists() and (tmp_path / "05_dual_score_tiny.png").exists()
     assert m.main(args + ["--eval_only"]) == pytest.approx(bpd, abs=0.5)          # reloads the checkpoint
+    with pytest.raises(SystemExit, match="already exists; pass --resume"):
+        m.main(args)                                                              # never overwrites
+    assert m.main(args[:1] + ["--steps=5"] + args[2:] + ["--resume"]) is not None  # continues from step 3
+    assert script("03_mdsm_train.py").load_checkpoint(str(tmp_path / "tiny.pt"), kind="dual-score")["step"] == 5
     with pytest.raises(SystemExit, match="error:"):
         m.main(["--dataset=" + str(tmp_path / "missing.npz")])
 
