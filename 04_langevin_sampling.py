@@ -31,6 +31,8 @@ energy.png (Appendix F), nearest.png (Appendix C); fid_stats_<data>_<n>_<hash>.n
 import hashlib
 import math
 import os
+import sys
+import time
 
 import numpy as np
 import torch
@@ -71,186 +73,7 @@ OUT_DIR = "out/04_langevin_sampling"  # figures, samples and cached statistics
 DEVICE = "auto"              # auto | cpu | cuda | mps (the toy always runs on the CPU)
 SEED = 0                     # seeds initial points and Langevin noise
 
-# ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
-# Device choice, seeding, --key=value overrides, one log format, a progress bar, an image-grid
-# saver, and loading an earlier numbered file as a module. Everything else is written once.
-import importlib.util
-import math
-import os
-import random
-import re
-import sys
-import time
-import types
-
-import numpy as np
-import torch
-
-
-def pick_device(name="auto"):
-    """'auto' takes cuda, then Apple mps, then cpu; 'cpu', 'cuda', 'cuda:1', 'mps' force one."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={name} but this torch has no CUDA device; use --device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device={name} but MPS is not available; use --device=cpu")
-    return device
-
-
-def set_seed(seed):
-    """Seed Python, NumPy and torch (every device) so a run can be repeated."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _knob_comments(path):
-    """NAME -> trailing comment of each `NAME = value  # comment` line of a file (for --help)."""
-    comments = {}
-    if path and os.path.exists(path):
-        for line in open(path, encoding="utf-8"):
-            m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=.*?#\s*(.*)$", line)
-            if m:
-                comments.setdefault(m.group(1), m.group(2).strip())
-    return comments
-
-
-def _cast(key, text, default):
-    """Convert an override to the type of its default, or stop with a one-line message."""
-    kind = type(default).__name__
-    try:
-        if isinstance(default, bool):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            value = float(text.replace("_", ""))  # accepts 300000, 300_000 and 3e5
-            if value != int(value):
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            return float(text)
-        return text
-    except ValueError:
-        raise SystemExit(f"error: --{key.lower()} expects a value of type {kind} (default {default!r}), got {text!r}")
-
-
-def parse_config(namespace, argv=None):
-    """Resolve a file's UPPER_CASE constants against command-line overrides.
-
-    namespace is the file's globals(); argv defaults to sys.argv[1:]. Accepted forms:
-    --key=value, --key value, and a bare --flag for booleans; keys are case-insensitive and
-    '-' equals '_'. Each value must parse as the type of its default. Unknown keys stop the run
-    with the list of valid ones; --help lists every knob with its default and comment.
-    Returns a SimpleNamespace with the same UPPER_CASE names.
-    """
-    defaults = {k: v for k, v in namespace.items()
-                if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        doc = (namespace.get("__doc__") or "").strip().split("\n\n")[0]
-        comments = _knob_comments(namespace.get("__file__"))
-        print(doc + "\n\noptions (--key=value; defaults shown):")
-        for k, v in defaults.items():
-            print(f"  {'--' + k.lower() + '=' + str(v):<30} {comments.get(k, '')}")
-        raise SystemExit(0)
-    config, i = dict(defaults), 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; options look like --key=value (see --help)")
-        key, has_value, text = arg[2:].partition("=")
-        name = key.replace("-", "_").upper()
-        if name not in defaults:
-            valid = ", ".join("--" + k.lower() for k in defaults)
-            raise SystemExit(f"error: unknown option --{key}. Valid options: {valid}")
-        if not has_value:
-            if isinstance(defaults[name], bool):
-                text = "true"
-            elif i < len(argv) and not argv[i].startswith("--"):
-                text, i = argv[i], i + 1
-            else:
-                raise SystemExit(f"error: --{key} needs a value, e.g. --{key.lower()}={defaults[name]}")
-        config[name] = _cast(name, text, defaults[name])
-    return types.SimpleNamespace(**config)
-
-
-def show_config(cfg):
-    """Print the resolved configuration on one line, so every log starts with what ran."""
-    print("config: " + " ".join(f"{k.lower()}={v}" for k, v in vars(cfg).items()), flush=True)
-
-
-def log_line(step, metrics):
-    """The one log format of this repository: 'step 1200 | loss 0.41 | 38.2 it/s'."""
-    parts = [f"step {step}"]
-    for k, v in metrics.items():
-        text = f"{v:.4g}" if isinstance(v, float) else str(v)
-        parts.append(f"{text} {k}" if k.endswith("/s") else f"{k} {text}")
-    end = "\r\033[K" if sys.stderr.isatty() else ""  # wipe a progress bar drawn on this line
-    print(end + " | ".join(parts), flush=True)
-
-
-def format_time(seconds):
-    seconds = int(max(seconds, 0))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def progress(i, total, t_start, note=""):
-    """Redraw a one-line progress bar with elapsed and remaining time (terminals only)."""
-    if not sys.stderr.isatty() or (i % max(1, total // 500) and i != total):
-        return
-    frac = i / max(total, 1)
-    elapsed = time.time() - t_start
-    remaining = elapsed / frac * (1 - frac) if frac > 0 else 0.0
-    bar = "#" * int(30 * frac)
-    sys.stderr.write(f"\r[{bar:<30}] {i}/{total} {format_time(elapsed)}<{format_time(remaining)} {note}\033[K")
-    if i == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
-def save_image_grid(images, path, nrow=8, pad=2):
-    """Save images (N, C, H, W) with values in [0, 1] (C = 1 or 3) as one PNG grid."""
-    import matplotlib.image
-
-    x = images.detach().float().cpu().clamp(0, 1)
-    n, c, h, w = x.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[k]
-    array = grid.permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    matplotlib.image.imsave(path, array[..., 0] if c == 1 else array, cmap="gray", vmin=0, vmax=1)
-
-
-def load_numbered(filename):
-    """Import a sibling file such as '03_mdsm_train.py' as a module (a name starting with a
-    digit cannot be imported with `import`). Its main() does not run."""
-    name = os.path.splitext(filename)[0]
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-# ==== end of shared helpers ====
+# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
 
 # ---------------------------------------------------------------------------------------------
 # The sampler (reused by 06_inpainting.py). Conventions: E is the energy, the score is -grad E.
@@ -648,12 +471,93 @@ def fid_against_train(cfg, x_uint8, train, dataset, device, out):
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    show_config(cfg)
     set_seed(cfg.SEED)
     if not cfg.CKPT:
         toy_lesson(cfg)
     else:
         sample_checkpoint(cfg)
+
+
+# ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
+# Device, seed, --key=value overrides, log line, progress bar, image grid, loading an earlier file.
+# They use the file's own imports of os, sys, time, numpy as np and torch.
+def pick_device(name="auto"):  # 'auto' takes cuda, then Apple's mps, then the cpu
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = ("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu") if name == "auto" else name
+    if not available.get(name.split(":")[0]):
+        raise SystemExit(f"error: --device={name} is not available here; use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+def set_seed(seed):
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds the CPU and every GPU
+
+def parse_config(namespace, argv=None):
+    """--key=value overrides of the UPPER_CASE constants, typed like their defaults; prints the result."""
+    import argparse, re, types
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line instead of argparse's usage block
+            raise SystemExit(f"error: {message}; valid options: " + " ".join("--" + k.lower() for k in knobs))
+    def typed(default):  # argparse calls cast(text) and turns a ValueError into "invalid int value: '1.5'"
+        def cast(text):
+            if isinstance(default, bool) and text.lower() in ("true", "false", "1", "0"):
+                return text.lower() in ("true", "1")
+            if isinstance(default, int) and not isinstance(default, bool) and float(text) % 1 == 0:
+                return int(float(text))  # 300000, 300_000 and 3e5 all work
+            if isinstance(default, (float, str)):
+                return type(default)(text)
+            raise ValueError(text)
+        cast.__name__ = type(default).__name__
+        return cast
+    knobs = {k: v for k, v in namespace.items() if k.isupper() and isinstance(v, (bool, int, float, str))}
+    comments = dict(re.findall(r"(?m)^([A-Z][A-Z0-9_]*) *=.*?# *(.*)$", open(namespace["__file__"]).read()))
+    parser = Parser(prog=os.path.basename(namespace["__file__"]), allow_abbrev=False,
+                    description=(namespace.get("__doc__") or "").strip().split("\n\n")[0])
+    for key, default in knobs.items():
+        bare = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # a bare --resume means true
+        parser.add_argument("--" + key.lower(), dest=key, default=default, type=typed(default), **bare,
+                            metavar=type(default).__name__,
+                            help=comments.get(key, "").replace("%", "%%") + f" [default: {default}]")
+    cfg = types.SimpleNamespace(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
+    print("config: " + " ".join(f"{k.lower()}={v}" for k, v in vars(cfg).items()), flush=True)
+    return cfg
+
+def log_line(step, metrics):  # the one log format: 'step 1200 | loss 0.41 | 38.2 it/s'
+    text = {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in metrics.items()}
+    parts = [f"step {step}"] + [f"{v} {k}" if k.endswith("/s") else f"{k} {v}" for k, v in text.items()]
+    print(("\r\033[K" if sys.stderr.isatty() else "") + " | ".join(parts), flush=True)  # wipes a progress bar
+
+def progress(i, total, t_start, note=""):  # a one-line bar with elapsed<remaining time, on terminals only
+    if sys.stderr.isatty() and (i % max(1, total // 500) == 0 or i == total):
+        frac, elapsed = i / max(total, 1), time.time() - t_start
+        clock = lambda seconds: f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"  # 125 -> '2m05s'
+        left = clock(elapsed / frac * (1 - frac) if frac > 0 else 0)
+        sys.stderr.write(f"\r[{'#' * int(30 * frac):<30}] {i}/{total} {clock(elapsed)}<{left} {note}\033[K"
+                         + ("\n" if i == total else ""))
+
+def save_image_grid(images, path, nrow=8, pad=2):  # (N, C, H, W) in [0, 1], C = 1 or 3 -> one PNG
+    import matplotlib.image
+    s = max(1, 32 // images.shape[-1])  # nearest-neighbour enlargement: an 8x8 digit is drawn 32x32
+    x = images.detach().float().cpu().clamp(0, 1).repeat_interleave(s, -1).repeat_interleave(s, -2)
+    x = torch.nn.functional.pad(x, (pad, 0, pad, 0), value=1.0)  # white gap left of and above each image
+    (n, c, h, w), cols = x.shape, min(nrow, len(x))
+    x = torch.cat([x, torch.ones(-n % cols, c, h, w)]).view(-1, cols, c, h, w).permute(2, 0, 3, 1, 4)
+    grid = torch.nn.functional.pad(x.reshape(c, -1, cols * w), (0, pad, 0, pad), value=1.0)  # (C, H, W)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image = grid[0] if c == 1 else grid.permute(1, 2, 0)  # (H, W) or (H, W, 3)
+    matplotlib.image.imsave(path, image.numpy(), cmap="gray", vmin=0, vmax=1)
+
+def load_numbered(filename):
+    """Import a sibling such as '03_mdsm_train.py' without running its main() (a name starting with a
+    digit cannot be imported with `import`); every caller shares one module object."""
+    import importlib.util
+    name = os.path.splitext(filename)[0]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), filename))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+# ==== end of shared helpers ====
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_main_smoke_run_writes_the_figure(m, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--stepz=3"], ["unknown option --stepz", "--steps", "--dsm_sigma"]),
+    (["--stepz=3"], ["unrecognized arguments: --stepz=3", "--steps", "--dsm_sigma"]),
     (["--steps=many"], ["--steps", "int", "many"]),
     (["--dsm_sigma=-1"], ["--dsm_sigma", "positive"]),
     (["--shapes=moons"], ["moons", "mixture", "ring"]),
