@@ -179,3 +179,43 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(script, tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="error: .*not a readable checkpoint"):
         m.main([f"--ckpt={tmp_path / 'junk.pt'}"])
+
+
+def test_bits_per_dim_conventions_on_closed_forms(script):
+    m = script("04_langevin_sampling.py")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 1, 4, 4), generator=g, dtype=torch.uint8)
+    zero = lambda y: torch.zeros(len(y))  # noqa: E731  the uniform density on [0,1]^D
+    assert torch.allclose(m.dequantized_bits_per_dim(zero, x, 2, g), torch.full((5,), 8.0, dtype=torch.float64))
+    assert torch.allclose(m.continuous_bits_per_dim(zero, x), torch.full((5,), 8.0, dtype=torch.float64))
+    # a discrete law P(k) per pixel, as the density 256 P(floor(256 x)): bits/dim = -mean log2 P(k), for any u
+    probs = torch.rand(256, generator=g, dtype=torch.float64) + 0.1
+    probs /= probs.sum()
+    hist = lambda y: (256 * probs[(y * 256).floor().long().clamp(0, 255)]).log().flatten(1).sum(1)  # noqa: E731
+    expected = -probs[x.long()].log2().flatten(1).mean(1)
+    assert torch.allclose(m.dequantized_bits_per_dim(hist, x, 3, g), expected, atol=1e-4)
+    # continuous: log p at k/255 with a density 2x on [0, 1/2), 0 elsewhere, per pixel (1 bit less than uniform)
+    half = lambda y: torch.where(y < 0.5, math.log(2.0), -math.inf).flatten(1).sum(1)  # noqa: E731
+    assert torch.allclose(m.continuous_bits_per_dim(half, torch.zeros(2, 1, 2, 2, dtype=torch.uint8)),
+                          torch.full((2,), 7.0, dtype=torch.float64))
+
+
+def test_baselines_match_their_closed_forms(script):
+    m = script("04_langevin_sampling.py")
+    g = torch.Generator().manual_seed(1)
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])  # grey levels 0..3 only
+    train = torch.multinomial(probs, 40000 * 4, replacement=True, generator=g).view(40000, 1, 2, 2).to(torch.uint8)
+    test = torch.multinomial(probs, 20000 * 4, replacement=True, generator=g).view(20000, 1, 2, 2).to(torch.uint8)
+    b = m.baseline_bits_per_dim(train, test, g)
+    assert b["uniform"] == 8.0
+    assert abs(b["per-pixel histogram"] - 1.75) < 0.01  # the entropy of probs in bits
+    # uniform grey levels: a Gaussian of variance 1/12 on x ~ U[0,1): 8 + 0.5 log2(2 pi e / 12)
+    train = torch.randint(0, 256, (40000, 1, 1, 3), generator=g, dtype=torch.uint8)
+    test = torch.randint(0, 256, (20000, 1, 1, 3), generator=g, dtype=torch.uint8)
+    b = m.baseline_bits_per_dim(train, test, g)
+    exact = 8 + 0.5 * math.log2(2 * math.pi * math.e / 12)
+    assert abs(b["diagonal Gaussian"] - exact) < 0.01 and abs(b["full-covariance Gaussian"] - exact) < 0.01
+    # perfectly correlated pixels: the full covariance sees it, the diagonal cannot
+    k = torch.randint(0, 256, (20000, 1, 1, 1), generator=g, dtype=torch.uint8).expand(20000, 1, 1, 3)
+    b = m.baseline_bits_per_dim(k[:10000], k[10000:], g)
+    assert b["full-covariance Gaussian"] < b["diagonal Gaussian"] - 1.0
