@@ -38,6 +38,7 @@ import torch.nn.functional as F
 # ---- config: every knob can be overridden with --key=value (see --help) ----
 DATASET = "cifar10"          # cifar10 | mnist | fashion-mnist | path to .npz/.npy of uint8 images
 DATA_DIR = "data"            # where archives are downloaded, checked and extracted
+IMAGE_SIZE = 0               # 0 = native (MNIST padded to 32); >0 area-downsamples to this side (16 for a CPU run)
 OUT_DIR = "out/03_mdsm_train"  # checkpoint and PNG grids of this run
 WIDTH = 0                    # base channels; 0 = the paper's (128 for colour, 64 for grayscale)
 BLOCKS_PER_STAGE = 0         # residual blocks per resolution; 0 = the paper's (3 colour, 2 grayscale)
@@ -144,9 +145,7 @@ def read_idx_images(data_dir, name, split):
     except Exception:
         raise SystemExit(f"error: {path} is not an IDX image file (corrupt or incomplete). "
                          f"Delete it and run again to download it") from None
-    x = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)
-    # the paper pads 28x28 digits with zeros to 32x32 so three 2x poolings give 4x4
-    return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)  # 28x28 digits
 
 
 def read_array_file(path, split):
@@ -175,8 +174,10 @@ def read_array_file(path, split):
     return x
 
 
-def load_images(dataset, data_dir="data", split="train"):
-    """All images of a split as a uint8 tensor (N, C, H, W); downloads on first use."""
+def load_images(dataset, data_dir="data", split="train", image_size=0):
+    """All images of a split as a uint8 tensor (N, C, H, W); downloads on first use. image_size > 0
+    area-averages them to image_size x image_size (rounded back to 8 bits: MNIST 28 -> 16 for a CPU run);
+    0 keeps them, except that 28x28 digits are zero-padded to 32x32 as in the paper."""
     if dataset == "cifar10":
         x = read_cifar10(data_dir, split)
     elif dataset in IDX_FILES:
@@ -186,7 +187,14 @@ def load_images(dataset, data_dir="data", split="train"):
     else:
         raise SystemExit(f"error: unknown --dataset={dataset}; use cifar10, mnist, fashion-mnist, "
                          f"or a path to a .npz/.npy of uint8 images")
-    return torch.from_numpy(np.ascontiguousarray(x))
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    if image_size > 0:
+        if image_size % 8:
+            raise SystemExit(f"error: --image_size={image_size}: the network needs sides divisible by 8 (8, 16, 24, 32)")
+        x = F.adaptive_avg_pool2d(x.float(), image_size).round().to(torch.uint8)  # area averaging
+    elif dataset in IDX_FILES:
+        x = F.pad(x, (2, 2, 2, 2))  # the paper pads 28x28 digits with zeros so three 2x poolings give 4x4
+    return x
 
 
 def images_to_float(x):
@@ -530,7 +538,7 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = pick_device(cfg.DEVICE)
     set_seed(cfg.SEED)
-    data = load_images(cfg.DATASET, cfg.DATA_DIR, "train")  # uint8 (N, C, H, W)
+    data = load_images(cfg.DATASET, cfg.DATA_DIR, "train", cfg.IMAGE_SIZE)  # uint8 (N, C, H, W)
     cfg = resolve_defaults(cfg, data.shape[1])
     if len(data) < cfg.BATCH_SIZE:
         raise SystemExit(f"error: {cfg.DATASET} has {len(data)} images, fewer than --batch_size={cfg.BATCH_SIZE}")

@@ -339,16 +339,17 @@ def sample_checkpoint(cfg):
     save_image_grid(torch.stack([s[:cols].cpu() for s in chain], 0).flatten(0, 1), os.path.join(out, "chain.png"), nrow=cols)
     print(f"saved {out}/samples.png, samples.npz ({len(x)} uint8 images), chain.png ({len(chain)} rows)")
     if cfg.DIAGNOSTICS or cfg.FID:
-        train = mdsm.load_images(dataset, data_dir, "train")
+        train = mdsm.load_images(dataset, data_dir, "train", int(config.get("IMAGE_SIZE", 0)))
         if tuple(train.shape[1:]) != shape:
             raise SystemExit(f"error: --dataset={dataset} has images {tuple(train.shape[1:])}, the model wants {shape}")
     if cfg.DIAGNOSTICS:
-        diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, first_trace, temps, device, out)
+        diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, first_trace, temps, device, out,
+                    int(config.get("IMAGE_SIZE", 0)))
     if cfg.FID:
         fid_against_train(cfg, x_uint8, train, dataset, device, out)
 
 
-def diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, trace, temps, device, out):
+def diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, trace, temps, device, out, image_size=0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -356,7 +357,7 @@ def diagnostics(cfg, model, mdsm, train, dataset, data_dir, x_uint8, trace, temp
     g = torch.Generator().manual_seed(cfg.SEED)
     ref = {"train": train[torch.randperm(len(train), generator=g)[:cfg.N_REF]]}
     try:
-        test = mdsm.load_images(dataset, data_dir, "test")
+        test = mdsm.load_images(dataset, data_dir, "test", image_size)
         ref["test"] = test[torch.randperm(len(test), generator=g)[:cfg.N_REF]]
     except SystemExit as e:  # e.g. an .npz with no x_test: the figure goes on without it
         print(f"note: no test images ({e}); showing training images only")

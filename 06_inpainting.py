@@ -404,7 +404,7 @@ def checkpoint_experiment(cfg):
     dataset, data_dir = cfg.DATASET or conf.get("DATASET", ""), cfg.DATA_DIR or conf.get("DATA_DIR", "data")
     if not dataset:
         raise SystemExit("error: the checkpoint names no DATASET; pass --dataset=cifar10 (or mnist, a .npz path)")
-    images = mdsm.images_to_float(mdsm.load_images(dataset, data_dir, split="test"))[:cfg.N_IMAGES]
+    images = mdsm.images_to_float(mdsm.load_images(dataset, data_dir, "test", int(conf.get("IMAGE_SIZE", 0))))[:cfg.N_IMAGES]
     if images.shape[1] != model.model_args.get("in_channels", images.shape[1]):
         raise SystemExit(f"error: {dataset} has {images.shape[1]} channels but the model expects "
                          f"{model.model_args['in_channels']}; pass the --dataset it was trained on")
