@@ -88,13 +88,18 @@ def mdsm_schedule(n_hot=500, n_anneal=2000, n_cool=200, t_max=100.0):
     return torch.cat([hot, anneal, cool]).float()  # (n_hot + n_anneal + n_cool,)
 
 
-def energy_grad(energy_fn, x):
+def energy_and_grad(energy_fn, x):
     """(E(x) (B,), grad_x E (like x)), both detached; works inside torch.no_grad() too."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         energy = energy_fn(x)  # (B,)
         (grad,) = torch.autograd.grad(energy.sum(), x)  # each E depends only on its own x
     return energy.detach(), grad
+
+
+def grad_energy(energy_fn, x):
+    """grad_x E(x), like x, detached (the score is its negative)."""
+    return energy_and_grad(energy_fn, x)[1]
 
 
 def langevin_step(x, grad, temperature, step_size, noise):
@@ -118,7 +123,7 @@ def annealed_langevin(energy_fn, x, temperatures, step_size=0.02, mask=None, x_k
         if mask is not None:
             known = x_known if known_noise_std is None else x_known + known_noise_std(T) * torch.randn_like(x)
             x = mask * x + (1 - mask) * known
-        energy, grad = energy_grad(energy_fn, x)
+        energy, grad = energy_and_grad(energy_fn, x)
         noise = torch.randn_like(x)
         if mask is not None:
             grad, noise = grad * mask, noise * mask
@@ -137,7 +142,7 @@ def annealed_langevin(energy_fn, x, temperatures, step_size=0.02, mask=None, x_k
 def tweedie_denoise(energy_fn, x, sigma0=0.1):
     """E[x_clean | x] for x ~ q_sigma0: the MDSM fit sigma0^2 grad E(x) = x - E[x | x]."""
     # x <- x - sigma0^2 grad E(x)      (final one-step denoise of the MDSM sampler)
-    return x - sigma0 ** 2 * energy_grad(energy_fn, x)[1]
+    return x - sigma0 ** 2 * energy_and_grad(energy_fn, x)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def mixture_energy(x, sigma, std):
 def plain_langevin(x, std, steps, h):
     """Langevin on the clean density p: x <- x + h grad log p + sqrt(2h) z (one fixed step)."""
     for _ in range(steps):
-        _, grad = energy_grad(lambda y: mixture_energy(y, 0.0, std), x)
+        _, grad = energy_and_grad(lambda y: mixture_energy(y, 0.0, std), x)
         x = x - h * grad + math.sqrt(2 * h) * torch.randn_like(x)
     return x
 
@@ -168,7 +173,7 @@ def ncsn_langevin(x, std, sigmas, steps, eps):
     for sigma in sigmas:
         step = eps * (sigma / sigmas[-1]) ** 2
         for _ in range(steps):
-            _, grad = energy_grad(lambda y: mixture_energy(y, sigma, std), x)  # grad E = -score
+            _, grad = energy_and_grad(lambda y: mixture_energy(y, sigma, std), x)  # grad E = -score
             # x <- x + step * s(x, sigma_i) + sqrt(2 step) z
             x = x - step * grad + math.sqrt(2 * step) * torch.randn_like(x)
     return x
@@ -188,7 +193,7 @@ def toy_mdsm_energy(x, temperature, sigma0, std):
 
 def toy_mdsm_chain(x, temperatures, step_size, sigma0, std):
     for T in temperatures.tolist():
-        _, grad = energy_grad(lambda y: toy_mdsm_energy(y, T, sigma0, std), x)
+        _, grad = energy_and_grad(lambda y: toy_mdsm_energy(y, T, sigma0, std), x)
         x = langevin_step(x, grad, T, step_size, torch.randn_like(x))
     return x
 

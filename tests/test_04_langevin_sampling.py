@@ -29,7 +29,7 @@ def test_single_step_matches_the_spec(script):
     mean, precision = torch.tensor([0.3, -0.2]), torch.tensor([[2.0, 0.5], [0.5, 1.0]])
     energy = gaussian_energy(mean, precision)
     x = torch.tensor([[1.0, 2.0], [-0.5, 0.25]])
-    e, g = m.energy_grad(energy, x)
+    e, g = m.energy_and_grad(energy, x)
     assert torch.allclose(g, (x - mean) @ precision) and torch.allclose(e, energy(x))
     T, s = 9.0, 0.02
     torch.manual_seed(1)
