@@ -307,7 +307,8 @@ def check_config(cfg):
         names = [s.strip() for s in getattr(cfg, knob).split(",") if s.strip()]
         for s in names or [""]:
             if s not in allowed or names.count(s) > 1:
-                raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)}: {s!r} is unknown or repeated; "
+                why = f"{s!r} is given twice" if s in allowed else f"{s!r} is unknown" if s else "no name given"
+                raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)}: {why}; "
                                  f"allowed: one or more of {', '.join(allowed)} (comma-separated)")
         lists.append(names)
     return lists
@@ -316,6 +317,8 @@ def check_config(cfg):
 def check_writable(folder):
     """Create folder and write a scratch file in it, so that an unusable --out_dir stops the run
     before the training time is spent."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: --out_dir={folder} is a file, not a folder; allowed: a folder you may create and write to")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

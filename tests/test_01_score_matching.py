@@ -350,7 +350,9 @@ def test_an_unwritable_out_dir_stops_before_training(m, tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as info:
             m.main([f"--out_dir={folder}"] + SMOKE)
         message = str(info.value)
-        assert message.startswith(f"error: --out_dir={folder} is not a writable folder (") and "\n" not in message
+        assert message.startswith(f"error: --out_dir={folder} is ") and "\n" not in message
+        assert ("a file, not a folder" in message) == (folder.name == "a_file"), message
+        assert "allowed: a folder you may create and write to" in message
 
 
 def test_a_read_only_out_dir_is_refused(m, tmp_path):
