@@ -373,6 +373,10 @@ def main(argv=None):
             if method != "true E":
                 res["models"][method], res["samples"][method] = model.cpu(), samples.cpu()
         print_table(name, rows, mixture_log_prob(test, *params), cfg.DSM_SIGMA)
+        failed = [m for m in methods if min(rows[m]["err_p"], rows[m]["err_q"]) > 0.9]  # s = 0 would score 1
+        if failed:  # a diverged or dead network still prints a table: say what it means
+            print(f"warning: {name}: {', '.join(failed)} learned no usable score (error > 0.9 against p and q_sigma); "
+                  f"try a smaller --lr (now {cfg.LR}) or more --steps (now {cfg.STEPS})")
     print("\nscore err = sqrt(mean ||s_theta - s_true||^2 / mean ||s_true||^2) (0 perfect, 1 no better than s = 0);\n"
           "std(E + log p) in nats is 0 when E = -log p + const; log p(Langevin) is the mean true log-density of\n"
           f"{cfg.N_SAMPLES} chains after {cfg.LANGEVIN_STEPS} steps of size {cfg.LANGEVIN_STEP} (compare mean log p(data));"

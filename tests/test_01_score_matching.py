@@ -308,6 +308,25 @@ def test_main_smoke_run_writes_the_figure_and_a_true_energy_row_we_can_recompute
         printed = [float(c) for c in line.split("|")[1:6]]
         assert printed == pytest.approx(expected, abs=1.5e-3), (name, line, expected)
         assert printed[1] > 0.3 and printed[3] > 0.1  # q_sigma differs from p: the test has power
+        # a warning under the table names exactly the methods whose errors are both above 0.9 (s = 0 scores 1)
+        rows = [line.split("|") for line in table.splitlines() if line.split("|")[0].strip() in ("exact", "dsm", "sliced")]
+        bad = [r[0].strip() for r in rows[:3] if min(float(r[1]), float(r[2])) > 0.9]
+        warned = [line.split(" (")[0] for line in table.splitlines() if line.startswith(f"warning: {name}: ")]
+        assert warned == ([f"warning: {name}: {', '.join(bad)} learned no usable score"] if bad else []), (bad, warned)
+
+
+def test_a_diverged_run_is_named_under_its_table(m, tmp_path, capsys, monkeypatch):
+    m.main([f"--out_dir={tmp_path}", "--lr=1", "--steps=50", "--n_train=1000", "--n_test=200", "--shapes=mixture",
+            "--methods=dsm", "--langevin_steps=5", "--n_samples=50", "--log_every=0"])
+    out = capsys.readouterr().out
+    assert "warning: mixture: dsm learned no usable score" in out and "try a smaller --lr (now 1.0)" in out
+    # the rule: warn when the errors against p AND against q_sigma are both above 0.9
+    monkeypatch.setattr(m, "plot", lambda *args: None)
+    for err_p, err_q, warned in [(0.95, 0.5, False), (0.5, 0.95, False), (0.95, 0.91, True), (0.85, 0.89, False)]:
+        monkeypatch.setattr(m, "evaluate", lambda *args: {"err_p": err_p, "err_q": err_q, "misfit_p": 0.0, "misfit_q": 0.0})
+        m.main([f"--out_dir={tmp_path}", "--steps=1", "--n_train=10", "--n_test=10", "--shapes=ring", "--methods=dsm",
+                "--langevin_steps=1", "--n_samples=5"])
+        assert ("warning: ring: dsm learned no usable score" in capsys.readouterr().out) == warned, (err_p, err_q)
 
 
 BAD_KNOBS = ["--seed=-1", "--threads=0", "--n_train=0", "--n_test=1", "--hidden=0", "--steps=0", "--steps=-5",
