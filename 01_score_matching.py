@@ -19,30 +19,23 @@ unequal weights and correlated components, and a ring of six Gaussians):
 
 Conventions (the same in every file of this repository):
   E(x)  the energy; p_theta(x) is proportional to exp(-E(x)); low energy = high probability.
-  s(x)  = -grad_x E(x), the score (it equals grad_x log p_theta(x)).
+  s(x)  = -grad_x E(x), the score; grad_energy(E, x) below returns +grad_x E, so s = -grad_energy.
   x~    = x + sigma * eps, eps ~ N(0, I): sigma is a standard deviation (variance sigma^2).
-  Langevin step of size eta:  x <- x - (eta / 2) grad_x E(x) + sqrt(eta) * xi,  xi ~ N(0, I).
+  Langevin step of size eta:  x <- x - (eta / 2) grad_x E(x) + sqrt(eta) * xi,  xi ~ N(0, I)
+        (files 04-06 write the same rule with eta = sigma_s^2 and temperature T = 1).
 
-What you should see (default run, seed 0, 2-core CPU: 27 s alone, up to 85 s on a busy machine):
-relative score error against p of 0.10 / 0.08 (exact / sliced) on the mixture and 0.17 / 0.17
-on the ring, with E = -log p + const to within 0.07-0.12 nats (std); DSM at sigma = 0.3 is off
-by 0.35 (mixture) / 0.41 (ring) against p but only 0.07 / 0.12 against q_sigma, the density it
-really learns (the bias sigma introduces). Langevin samples from every learned energy land on the
-data's modes, but 500 steps from a uniform start are too few to move chains between modes: even
-on the exact energy the mixture's modes get 35/33/32 % of the chains instead of 50/30/20 %
-(5000 steps give 50/32/18 %), so judge the weights by the table's errors, not by the samples.
-
-Run:  python 01_score_matching.py                        # CPU: the table and the figure
-      python 01_score_matching.py --methods=dsm --dsm_sigma=0.1 --steps=4000
-                                     # less noise: DSM error vs p drops to 0.10 / 0.15 (noisier
-                                     # loss, hence more steps)
-      python 01_score_matching.py --help                 # every knob
-Output: out/01_score_matching/score_matching.png (energy contours, score fields, samples).
+Run:  python 01_score_matching.py                        # CPU, about a minute: the table and the figure
+      python 01_score_matching.py --methods=dsm --dsm_sigma=0.1 --steps=4000   # less DSM bias
+      python 01_score_matching.py --help                 # every knob and its meaning
+Expected (seed 0): relative score error against p of about 0.1-0.17 for exact and sliced SM; DSM
+at sigma = 0.3 errs by 0.35-0.41 against p but only 0.07-0.12 against q_sigma, the density it learns.
+Output: out/01_score_matching/score_matching.png (energy contours, score fields, Langevin samples).
 """
 import io
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -56,7 +49,7 @@ THREADS = 1                      # CPU threads for torch; 1 is fastest for these
 SHAPES = "mixture,ring"          # comma-separated toys: mixture (3 unequal Gaussians) | ring (6 Gaussians)
 METHODS = "exact,dsm,sliced"     # comma-separated objectives: exact | dsm | sliced
 N_TRAIN = 20000                  # training samples drawn once per toy
-N_TEST = 2000                    # held-out samples for the error table
+N_TEST = 2000                    # held-out samples for the error table (at least 2)
 HIDDEN = 64                      # width of the three hidden layers of the energy MLP
 STEPS = 1000                     # Adam steps per (toy, objective); 2-8 s each on one CPU core
 BATCH = 256                      # samples per step
@@ -68,7 +61,7 @@ LANGEVIN_STEP = 0.01             # Langevin step size eta (see the step rule in 
 LANGEVIN_STEPS = 500             # Langevin steps from a uniform start in the plot box
 N_SAMPLES = 1000                 # Langevin chains per model
 BOX = 4.0                        # plots and Langevin starts cover [-BOX, BOX]^2
-LOG_EVERY = 500                  # print a log line every this many training steps
+LOG_EVERY = 500                  # print a log line every this many training steps (0: never)
 OUT_DIR = "out/01_score_matching"  # where the figure is written
 
 # The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
@@ -138,19 +131,20 @@ class EnergyMLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def score(energy_fn, x, create_graph=False):
-    """s(x) = -grad_x E(x), (B, D). create_graph=True keeps the graph for a loss on s."""
+def grad_energy(energy_fn, x, create_graph=False):
+    """grad_x E(x), (B, D); the score is its negative. x that already requires grad is used as is
+    (the losses differentiate again with respect to it); create_graph=True keeps the graph for a loss."""
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=create_graph)
-    return -grad
+        x = x if x.requires_grad else x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=create_graph)  # E_b depends on x_b only
+    return grad
 
 
 # ---- losses: three objectives that need only samples of p ----
 def exact_sm_loss(energy_fn, x):
     """Hyvarinen (2005) Eq. 3 with s = -grad E: mean over x of 0.5||s||^2 + tr(grad_x s)."""
     x = x.detach().requires_grad_(True)
-    s = -torch.autograd.grad(energy_fn(x).sum(), x, create_graph=True)[0]  # (B, D)
+    s = -grad_energy(energy_fn, x, create_graph=True)  # s = -grad E, (B, D)
     # tr(grad_x s) = sum_i ds_i/dx_i; samples are independent, so d(sum_b s_bi)/dx_b gives row b.
     trace = torch.zeros_like(s[:, 0])  # (B,)
     for i in range(x.shape[1]):
@@ -167,7 +161,7 @@ def dsm_target(x_noisy, x, sigma):
 def dsm_loss(energy_fn, x, sigma):
     """Vincent (2011) J_DSM at one noise level, weighted by lambda(sigma) = sigma^2."""
     x_noisy = x + sigma * torch.randn_like(x)  # x~ = x + sigma * eps, (B, D)
-    s = score(energy_fn, x_noisy, create_graph=True)  # (B, D)
+    s = -grad_energy(energy_fn, x_noisy, create_graph=True)  # s = -grad E at x~, (B, D)
     # J_DSM = E[ 0.5 ||s(x~) + (x~ - x)/sigma^2||^2 ]; the weight sigma^2 (lambda(sigma) = sigma^2)
     # makes the loss O(1) for any sigma and does not move its minimum.
     return (0.5 * sigma**2 * ((s - dsm_target(x_noisy, x, sigma)) ** 2).sum(1)).mean()
@@ -177,7 +171,7 @@ def sliced_sm_loss(energy_fn, x, n_projections=1, variance_reduced=True):
     """Song et al. (2019) SSM: mean of v^T (grad_x s) v + 0.5 (v^T s)^2 over x and v ~ N(0, I).
     variance_reduced=True is SSM-VR: 0.5 (v^T s)^2 -> its expectation over v, 0.5 ||s||^2."""
     x = x.detach().repeat(n_projections, 1).requires_grad_(True)  # (M*B, D), one row per (v, x)
-    s = -torch.autograd.grad(energy_fn(x).sum(), x, create_graph=True)[0]  # (M*B, D)
+    s = -grad_energy(energy_fn, x, create_graph=True)  # s = -grad E, (M*B, D)
     v = torch.randn_like(x)  # E[v v^T] = I, so E_v[v^T A v] = tr(A)
     v_s = (v * s).sum(1)  # (M*B,) v^T s
     v_jac_v = (torch.autograd.grad(v_s.sum(), x, create_graph=True)[0] * v).sum(1)  # v^T (grad_x s) v
@@ -203,6 +197,8 @@ def train_energy(model, method, data, steps, batch, lr, sigma=0.3, n_projections
             loss = sliced_sm_loss(model, x, n_projections, sliced_vr)
         else:
             raise SystemExit(f"error: unknown method {method!r}; use exact, dsm or sliced")
+        if not torch.isfinite(loss):  # a diverged network only gets worse: stop with the cause
+            raise SystemExit(f"error: the {method} loss is {loss.item()} at step {step}; try a smaller --lr (now {lr})")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -217,7 +213,7 @@ def train_energy(model, method, data, steps, batch, lr, sigma=0.3, n_projections
 def langevin(energy_fn, x, step, n_steps):
     """Unadjusted Langevin: x <- x - (eta/2) grad E(x) + sqrt(eta) xi; samples exp(-E) as eta -> 0."""
     for _ in range(n_steps):
-        x = x + 0.5 * step * score(energy_fn, x) + math.sqrt(step) * torch.randn_like(x)
+        x = x - 0.5 * step * grad_energy(energy_fn, x) + math.sqrt(step) * torch.randn_like(x)
     return x.detach()
 
 
@@ -231,9 +227,21 @@ def energy_misfit(energy, log_p):
     return (energy + log_p).std().item()
 
 
+def evaluate(energy_fn, test, params, noisy):
+    """The table's numbers for one energy on held-out x ~ p: score error and energy misfit against
+    p (params) and against q_sigma (noisy), each a (means, covs, weights) mixture."""
+    s = -grad_energy(energy_fn, test)  # s = -grad E, (N_TEST, 2)
+    with torch.no_grad():
+        energy = energy_fn(test)  # (N_TEST,)
+    return {"err_p": relative_score_error(s, mixture_score(test, *params)),
+            "err_q": relative_score_error(s, mixture_score(test, *noisy)),
+            "misfit_p": energy_misfit(energy, mixture_log_prob(test, *params)),
+            "misfit_q": energy_misfit(energy, mixture_log_prob(test, *noisy))}
+
+
 def plot(results, shapes, methods, path, box):
     """Row pair per toy: energy contours + score field (true, then each method), then data and
-    Langevin samples from each learned energy."""
+    Langevin samples from each learned energy. One colour bar per energy row (same levels)."""
     import matplotlib.pyplot as plt
     import PIL.Image  # installed with matplotlib
 
@@ -242,8 +250,9 @@ def plot(results, shapes, methods, path, box):
     q = torch.linspace(-box + 0.4, box - 0.4, 17)
     qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)  # quiver points
     levels = np.arange(0.0, 12.5, 1.0)  # energy contours 1 nat apart, shifted so the minimum is 0
-    fig, axes = plt.subplots(2 * len(shapes), 1 + len(methods), figsize=(3.2 * (1 + len(methods)), 6.4 * len(shapes)),
-                             squeeze=False)
+    cols = 1 + len(methods)  # a narrow last column holds the colour bars
+    fig, axes = plt.subplots(2 * len(shapes), cols + 1, figsize=(3.2 * cols + 0.9, 6.6 * len(shapes)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * cols + [0.07]})
     for r, name in enumerate(shapes):
         res = results[name]
         fields = [("true E = -log p", lambda x: -mixture_log_prob(x, *res["params"]), res["data"], "data")]
@@ -252,19 +261,25 @@ def plot(results, shapes, methods, path, box):
         for c, (title, energy_fn, points, points_title) in enumerate(fields):
             with torch.no_grad():
                 e = energy_fn(grid).reshape(120, 120)
-            s = score(energy_fn, qgrid)  # (17*17, 2)
+            s = -grad_energy(energy_fn, qgrid)  # s = -grad E, (17*17, 2)
             s = s / (1 + s.norm(dim=1, keepdim=True))  # compress long arrows far from the data
             ax = axes[2 * r, c]
-            ax.contourf(n, n, (e - e.min()).clamp(max=12), levels=levels, cmap="viridis")
+            filled = ax.contourf(n, n, (e - e.min()).clamp(max=12), levels=levels, cmap="viridis")
             ax.quiver(qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="white", scale=20, width=0.004)
             ax.set_title(f"{name}: {title if c == 0 else 'learned E, ' + title}", fontsize=9)
             ax = axes[2 * r + 1, c]
             ax.contour(n, n, true_logp, levels=8, colors="0.75", linewidths=0.6)
             ax.scatter(points[:, 0], points[:, 1], s=2, color="k" if c == 0 else "C3")
             ax.set_title(f"{name}: {points_title}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xlim(-box, box), ax.set_ylim(-box, box), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle("colors: E - min E in bands of 1 nat; arrows: score s = -grad E (long arrows shortened); "
+        bar = fig.colorbar(filled, cax=axes[2 * r, cols], ticks=levels[::2])
+        bar.set_label("E - min E (nats; 12 = 12 or more)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        axes[2 * r + 1, cols].axis("off")
+    for ax in axes[:, :cols].flat:
+        ax.set_xlim(-box, box), ax.set_ylim(-box, box), ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$", fontsize=8, labelpad=1), ax.set_ylabel("$x_2$", fontsize=8, labelpad=0)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("colors: E - min E in bands of 1 nat; white arrows: score s = -grad E (long arrows shortened); "
                  "gray lines: true log p", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -275,29 +290,60 @@ def plot(results, shapes, methods, path, box):
     PIL.Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
+# ---- start-up checks: bad input stops with one line before any work ----
 def check_config(cfg):
-    """Stop with one line on values that parse but make no sense."""
-    for knob in ("N_TRAIN", "N_TEST", "HIDDEN", "STEPS", "BATCH", "N_PROJECTIONS", "LANGEVIN_STEPS", "N_SAMPLES"):
-        if getattr(cfg, knob) < 1:
-            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} must be at least 1")
-    for knob in ("LR", "DSM_SIGMA", "LANGEVIN_STEP"):
-        if not getattr(cfg, knob) > 0:
-            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} must be positive")
-    shapes = [s.strip() for s in cfg.SHAPES.split(",") if s.strip()]
-    methods = [m.strip() for m in cfg.METHODS.split(",") if m.strip()]
-    for s in shapes or [""]:
-        if s not in ("mixture", "ring"):
-            raise SystemExit(f"error: --shapes={cfg.SHAPES}: unknown shape {s!r}; use mixture, ring or both (comma-separated)")
-    for m in methods or [""]:
-        if m not in ("exact", "dsm", "sliced"):
-            raise SystemExit(f"error: --methods={cfg.METHODS}: unknown method {m!r}; use exact, dsm, sliced (comma-separated)")
-    return shapes, methods
+    """Stop with one line naming the knob and its allowed range; return the toy and method lists."""
+    at_least = {"SEED": 0, "THREADS": 1, "N_TRAIN": 1, "N_TEST": 2, "HIDDEN": 1, "STEPS": 1, "BATCH": 1,
+                "N_PROJECTIONS": 1, "LANGEVIN_STEPS": 1, "N_SAMPLES": 1, "LOG_EVERY": 0}
+    for knob, low in at_least.items():
+        if not low <= getattr(cfg, knob) < 2**62:
+            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is out of range; allowed: an integer >= {low}")
+    for knob in ("LR", "DSM_SIGMA", "LANGEVIN_STEP", "BOX"):
+        if not 0 < getattr(cfg, knob) < math.inf:  # also refuses nan
+            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is out of range; allowed: a finite number > 0")
+    choices = {"SHAPES": ("mixture", "ring"), "METHODS": ("exact", "dsm", "sliced")}
+    lists = []
+    for knob, allowed in choices.items():
+        names = [s.strip() for s in getattr(cfg, knob).split(",") if s.strip()]
+        for s in names or [""]:
+            if s not in allowed or names.count(s) > 1:
+                why = f"{s!r} is given twice" if s in allowed else f"{s!r} is unknown" if s else "no name given"
+                raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)}: {why}; "
+                                 f"allowed: one or more of {', '.join(allowed)} (comma-separated)")
+        lists.append(names)
+    return lists
+
+
+def check_writable(folder):
+    """Create folder and write a scratch file in it, so that an unusable --out_dir stops the run
+    before the training time is spent."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: --out_dir={folder} is a file, not a folder; allowed: a folder you may create and write to")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SystemExit(f"error: --out_dir={folder} is not a writable folder ({error.strerror or error}); "
+                         "allowed: a folder you may create and write to")
+
+
+def print_table(name, rows, logp, sigma):
+    """One line per energy: the numbers of evaluate() and the mean true log p of its Langevin samples."""
+    print(f"\n{name}: {len(logp)} held-out samples x ~ p; q_sigma = p * N(0, {sigma}^2 I); "
+          f"std(log p) = {logp.std().item():.2f}, mean log p(data) = {logp.mean().item():.3f}")
+    print(f"{'method':<8} | {'score err vs p':>14} | {'vs q_sigma':>10} | {'std(E+log p)':>12} | "
+          f"{'std(E+log q)':>12} | {'log p(Langevin)':>15} | {'time':>6}")
+    for method, row in rows.items():
+        print(f"{method:<8} | {row['err_p']:>14.3f} | {row['err_q']:>10.3f} | {row['misfit_p']:>12.3f} | "
+              f"{row['misfit_q']:>12.3f} | {row['logp_langevin']:>15.3f} | {row['time']:>5.1f}s", flush=True)
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     shapes, methods = check_config(cfg)
     device = pick_device(cfg.DEVICE)
+    check_writable(cfg.OUT_DIR)
     torch.set_num_threads(cfg.THREADS)  # more threads only add synchronization cost on 2-D toys
     results, t_start = {}, time.time()
     for name in shapes:
@@ -306,12 +352,10 @@ def main(argv=None):
         noisy = (params[0], noisy_covs(params[1], cfg.DSM_SIGMA), params[2])  # q_sigma, same weights
         data = sample_mixture(cfg.N_TRAIN, *params)  # (N_TRAIN, 2)
         test = sample_mixture(cfg.N_TEST, *params)  # (N_TEST, 2), never trained on
-        s_p, s_q = mixture_score(test, *params), mixture_score(test, *noisy)  # true scores of p and q_sigma
-        logp, logq = mixture_log_prob(test, *params), mixture_log_prob(test, *noisy)
         start = (torch.rand(cfg.N_SAMPLES, 2, device=device) * 2 - 1) * cfg.BOX  # Langevin starts, uniform
         res = results[name] = {"params": [t.cpu() for t in params], "data": data[:cfg.N_SAMPLES].cpu(),
                                "models": {}, "samples": {}}
-        rows = []
+        rows = {}
         for method in ["true E"] + methods:
             t0 = time.time()
             if method == "true E":  # control: Langevin on the exact energy E = -log p, nothing learned
@@ -321,22 +365,18 @@ def main(argv=None):
                 model = EnergyMLP(cfg.HIDDEN).to(device)
                 train_energy(model, method, data, cfg.STEPS, cfg.BATCH, cfg.LR, cfg.DSM_SIGMA,
                              cfg.N_PROJECTIONS, cfg.SLICED_VR, cfg.LOG_EVERY)
-            s = score(model, test)  # (N_TEST, 2)
-            with torch.no_grad():
-                energy = model(test)  # (N_TEST,)
+            rows[method] = evaluate(model, test, params, noisy)
             set_seed(cfg.SEED + 1)  # the same Langevin noise for every model
             samples = langevin(model, start, cfg.LANGEVIN_STEP, cfg.LANGEVIN_STEPS)  # (N_SAMPLES, 2)
+            rows[method]["logp_langevin"] = mixture_log_prob(samples, *params).mean().item()
+            rows[method]["time"] = time.time() - t0
             if method != "true E":
                 res["models"][method], res["samples"][method] = model.cpu(), samples.cpu()
-            rows.append((method, relative_score_error(s, s_p), relative_score_error(s, s_q), energy_misfit(energy, logp),
-                         energy_misfit(energy, logq), mixture_log_prob(samples, *params).mean().item(), time.time() - t0))
-        print(f"\n{name}: {cfg.N_TEST} held-out samples x ~ p; q_sigma = p * N(0, {cfg.DSM_SIGMA}^2 I); "
-              f"std(log p) = {logp.std().item():.2f}, mean log p(data) = {logp.mean().item():.3f}")
-        print(f"{'method':<8} | {'score err vs p':>14} | {'vs q_sigma':>10} | {'std(E+log p)':>12} | "
-              f"{'std(E+log q)':>12} | {'log p(Langevin)':>15} | {'time':>6}")
-        for row in rows:
-            print(f"{row[0]:<8} | {row[1]:>14.3f} | {row[2]:>10.3f} | {row[3]:>12.3f} | {row[4]:>12.3f} | "
-                  f"{row[5]:>15.3f} | {row[6]:>5.1f}s", flush=True)
+        print_table(name, rows, mixture_log_prob(test, *params), cfg.DSM_SIGMA)
+        failed = [m for m in methods if min(rows[m]["err_p"], rows[m]["err_q"]) > 0.9]  # s = 0 would score 1
+        if failed:  # a diverged or dead network still prints a table: say what it means
+            print(f"warning: {name}: {', '.join(failed)} learned no usable score (error > 0.9 against p and q_sigma); "
+                  f"try a smaller --lr (now {cfg.LR}) or more --steps (now {cfg.STEPS})")
     print("\nscore err = sqrt(mean ||s_theta - s_true||^2 / mean ||s_true||^2) (0 perfect, 1 no better than s = 0);\n"
           "std(E + log p) in nats is 0 when E = -log p + const; log p(Langevin) is the mean true log-density of\n"
           f"{cfg.N_SAMPLES} chains after {cfg.LANGEVIN_STEPS} steps of size {cfg.LANGEVIN_STEP} (compare mean log p(data));"

@@ -1,7 +1,9 @@
-"""01_score_matching.py: the conventions (sign of the score, the Langevin step, the DSM target),
-the closed-form mixture, and each objective against analytic scores. Every tolerance here was
-checked to fail when the code has a sign error or uses sigma where sigma^2 belongs."""
+"""01_score_matching.py: the conventions (sign of grad E, the Langevin step, the DSM target), the
+closed-form mixture, each objective against closed forms and written-out formulas, the numbers in
+the printed table, and the start-up checks. Every tolerance here was checked to fail when the code
+has a sign error, a wrong factor, or uses sigma where sigma^2 belongs (mutations listed in the notes)."""
 import math
+import os
 
 import pytest
 import torch
@@ -44,20 +46,36 @@ def gaussian(mu, cov):
 
 
 # ---- conventions ----
-def test_score_is_minus_grad_energy_and_langevin_moves_downhill(m):
+def test_grad_energy_is_plus_grad_e_and_langevin_moves_downhill(m):
     A = torch.linalg.inv(SIGMA)
     energy = Quadratic(MU, A)
     x0 = torch.tensor([[4.0, 3.0]])
-    s = m.score(energy, x0)
-    assert torch.allclose(s, -(x0 - MU) @ A, atol=1e-5)  # s = -grad E = -A (x - mu)
-    # the mean of one Langevin step is x - (eta/2) grad E = x + (eta/2) s; its spread is sqrt(eta)
+    grad = m.grad_energy(energy, x0)
+    assert torch.allclose(grad, (x0 - MU) @ A, atol=1e-5)  # grad E = +A (x - mu); the score is its negative
+    # the mean of one Langevin step is x - (eta/2) grad E; its spread is sqrt(eta)
     torch.manual_seed(0)
     eta, chains = 0.1, 20000
     x1 = m.langevin(energy, x0.repeat(chains, 1), eta, 1)
-    expected = x0 + 0.5 * eta * s
+    expected = x0 - 0.5 * eta * grad
     assert torch.allclose(x1.mean(0), expected[0], atol=4 * math.sqrt(eta / chains))
     assert torch.allclose(x1.var(0), torch.full((2,), eta), rtol=0.05)
     assert (x1.mean(0) - MU).norm() < (x0[0] - MU).norm()  # moved toward the minimum
+
+
+def test_one_langevin_step_is_the_written_out_update(m):
+    A = torch.linalg.inv(SIGMA)
+    x0, eta = torch.tensor([[4.0, 3.0], [-1.0, 0.5], [0.0, 0.0]]), 0.3
+    torch.manual_seed(5)
+    x1 = m.langevin(Quadratic(MU, A), x0, eta, 1)
+    torch.manual_seed(5)
+    xi = torch.randn(3, 2)  # the same noise the step drew
+    # x <- x - (eta/2) grad E(x) + sqrt(eta) xi, grad E = A (x - mu)
+    assert torch.allclose(x1, x0 - 0.5 * eta * (x0 - MU) @ A + math.sqrt(eta) * xi, atol=1e-6)
+    torch.manual_seed(5)
+    x2 = m.langevin(Quadratic(MU, A), x0, eta, 2)  # two steps: the loop runs n_steps times
+    torch.manual_seed(5)
+    xi2 = torch.randn(6, 2)[3:]  # the second step's noise follows the first's
+    assert torch.allclose(x2, x1 - 0.5 * eta * (x1 - MU) @ A + math.sqrt(eta) * xi2, atol=1e-6)
 
 
 def test_langevin_samples_the_gaussian_of_a_quadratic_energy(m):
@@ -102,7 +120,65 @@ def test_mixture_log_prob_score_and_noisy_density(m):
     assert torch.allclose(samples.mean(0), reference.mean, atol=0.03)
 
 
+def test_noisy_covs_add_sigma_squared_and_samples_have_the_right_covariance(m):
+    covs = torch.stack([SIGMA, 2 * SIGMA])  # (K, 2, 2)
+    assert torch.allclose(m.noisy_covs(covs, 0.5), covs + 0.25 * torch.eye(2), atol=1e-7)  # sigma^2, not sigma
+    torch.manual_seed(0)
+    x = m.sample_mixture(100000, *gaussian(MU, SIGMA))
+    assert torch.allclose(torch.cov(x.T), SIGMA, atol=0.02)  # x = mu + L z with L L^T = cov (not L^T z)
+
+
 # ---- the objectives ----
+def test_dsm_loss_is_the_written_out_formula(m):
+    # one seeded draw, written out: 0.5 sigma^2 ||s(x~) + eps / sigma||^2 with s = -A (x~ - mu)
+    A, sigma = torch.linalg.inv(SIGMA), 0.4
+    x = torch.tensor([[1.0, 2.0], [-0.5, 0.3], [3.0, -1.0], [0.0, 0.0]])
+    torch.manual_seed(7)
+    loss = m.dsm_loss(Quadratic(MU, A), x, sigma)
+    torch.manual_seed(7)
+    eps = torch.randn(4, 2)
+    s = -(x + sigma * eps - MU) @ A
+    expected = (0.5 * sigma**2 * (s + eps / sigma).pow(2).sum(1)).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_dsm_loss_has_its_closed_form_expectation(m):
+    # E = 0.5 a ||x||^2, so s(x~) = -a x~ and, averaged over eps ~ N(0, I) in D = 2 dimensions,
+    # J = 0.5 sigma^2 [a^2 mean ||x||^2 + D (1/sigma - a sigma)^2]: the 1/sigma^2 of the target sets it
+    a, sigma = 1.5, 0.5
+    x = torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # mean ||x||^2 = 2.5
+    torch.manual_seed(0)
+    estimate = m.dsm_loss(Quadratic(torch.zeros(2), a * torch.eye(2)), x.repeat(50000, 1), sigma)
+    expected = 0.5 * sigma**2 * (a**2 * 2.5 + 2 * (1 / sigma - a * sigma) ** 2)  # = 1.0078125
+    assert abs(estimate.item() - expected) < 0.02
+
+
+@pytest.mark.parametrize("variance_reduced", [False, True])
+def test_sliced_loss_is_the_written_out_formula(m, variance_reduced):
+    # s = -A (x - mu) has Jacobian -A, so each row is -v^T A v + 0.5 ||s||^2 (VR) or 0.5 (v^T s)^2
+    A = torch.linalg.inv(SIGMA)
+    x = torch.tensor([[1.0, 2.0], [-0.5, 0.3], [3.0, -1.0]])
+    torch.manual_seed(3)
+    loss = m.sliced_sm_loss(Quadratic(MU, A), x, n_projections=2, variance_reduced=variance_reduced)
+    torch.manual_seed(3)
+    v = torch.randn(6, 2)  # one projection per (copy, sample): rows are x, x (M = 2 copies)
+    s = -(x.repeat(2, 1) - MU) @ A
+    second = 0.5 * s.pow(2).sum(1) if variance_reduced else 0.5 * (v * s).sum(1) ** 2
+    expected = (-torch.einsum("bi,ij,bj->b", v, A, v) + second).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_sliced_loss_has_the_exact_loss_as_expectation_on_a_gaussian(m):
+    # E_v[-v^T A v] = -tr(A) and E_v[0.5 (v^T s)^2] = 0.5 ||s||^2: both variants average to the exact loss
+    A = torch.linalg.inv(SIGMA)
+    x = torch.tensor([[1.5, -2.0], [0.5, -1.5]])  # near mu, so 0.5 (v^T s)^2 varies little
+    exact = (0.5 * ((x - MU) @ A).pow(2).sum(1).mean() - torch.trace(A)).item()  # Eq. 3 in closed form
+    torch.manual_seed(0)
+    for variance_reduced in (False, True):
+        estimate = m.sliced_sm_loss(Quadratic(MU, A), x, 40000, variance_reduced).item()
+        assert abs(estimate - exact) < 0.05, f"vr={variance_reduced}: {estimate:.3f} vs {exact:.3f}"
+
+
 def test_exact_sm_loss_matches_its_closed_form_on_a_quadratic(m):
     A = torch.linalg.inv(SIGMA)
     x = torch.randn(64, 2)
@@ -124,7 +200,7 @@ def test_sliced_loss_equals_exact_loss_in_expectation(m, variance_reduced):
     se = estimates.std().item() / math.sqrt(len(estimates))
     assert abs(estimates.mean().item() - exact) < 4 * se, f"sliced {estimates.mean():.4f} +- {se:.4f}, exact {exact:.4f}"
     # the test has power: the trace term is many standard errors from zero, so a sign error fails
-    trace = exact - 0.5 * m.score(net, x).pow(2).sum(1).mean().item()  # mean tr(grad_x s)
+    trace = exact - 0.5 * m.grad_energy(net, x).pow(2).sum(1).mean().item()  # mean tr(grad_x s)
     assert abs(trace) > 20 * se
 
 
@@ -142,7 +218,7 @@ def test_each_objective_recovers_a_gaussian_score(m, method):
     model = fit(m, Quadratic(), method, data, 300, 0.05, sigma=sigma)
     # DSM learns the noised density: the same Gaussian with covariance SIGMA + sigma^2 I
     target = gaussian(MU, m.noisy_covs(SIGMA[None], sigma)[0]) if method == "dsm" else params
-    err = m.relative_score_error(m.score(model, test), m.mixture_score(test, *target))
+    err = m.relative_score_error(-m.grad_energy(model, test), m.mixture_score(test, *target))
     assert err < 0.05, f"{method}: relative score error {err:.3f}"
 
 
@@ -154,7 +230,7 @@ def test_each_objective_recovers_a_mixture_score(m, method):
     data, test = m.sample_mixture(20000, *params), m.sample_mixture(2000, *params)
     torch.manual_seed(0)
     model = fit(m, m.EnergyMLP(64), method, data, 400, 5e-3, batch=256, sigma=sigma)
-    s = m.score(model, test)
+    s = -m.grad_energy(model, test)  # s = -grad E
     err_p = m.relative_score_error(s, m.mixture_score(test, *params))
     err_q = m.relative_score_error(s, m.mixture_score(test, params[0], m.noisy_covs(params[1], sigma), params[2]))
     if method == "dsm":  # DSM matches q_sigma, and is visibly biased against p
@@ -163,28 +239,158 @@ def test_each_objective_recovers_a_mixture_score(m, method):
         assert err_p < 0.25 and err_q > 2 * err_p, f"{method}: error vs p {err_p:.3f}, vs q_sigma {err_q:.3f}"
 
 
+# ---- the numbers in the table ----
+def test_relative_score_error_by_hand(m):
+    s_true = torch.tensor([[3.0, 4.0], [0.0, 5.0]])  # mean ||s_true||^2 = 25
+    s_model = s_true + torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # mean ||difference||^2 = 2.5
+    assert m.relative_score_error(s_model, s_true) == pytest.approx(math.sqrt(0.1), rel=1e-6)
+    assert m.relative_score_error(torch.zeros(2, 2), s_true) == pytest.approx(1.0)  # s = 0 scores 1
+    assert m.relative_score_error(-s_true, s_true) == pytest.approx(2.0)  # a sign error scores 2
+
+
+def test_energy_misfit_by_hand(m):
+    log_p = torch.tensor([-1.0, -2.5, -4.0, -0.3])
+    assert m.energy_misfit(-log_p + 7.0, log_p) == pytest.approx(0.0, abs=1e-6)  # the constant log Z is free
+    bump = torch.tensor([1.0, -1.0, 1.0, -1.0])  # sample std sqrt(4/3)
+    assert m.energy_misfit(-log_p + 0.5 * bump, log_p) == pytest.approx(0.5 * math.sqrt(4 / 3), rel=1e-5)
+    assert m.energy_misfit(log_p, log_p) == pytest.approx((2 * log_p).std().item(), rel=1e-6)  # E = +log p is wrong
+
+
+def test_evaluate_is_zero_exactly_where_the_energy_is_right(m):
+    torch.manual_seed(0)
+    params = m.make_shape("mixture")
+    noisy = (params[0], m.noisy_covs(params[1], 0.3), params[2])
+    test = m.sample_mixture(500, *params)
+    def energy_p(x):  # -log p + 3: right up to its constant
+        return -m.mixture_log_prob(x, *params) + 3.0
+    def energy_q(x):
+        return -m.mixture_log_prob(x, *noisy)
+    row = m.evaluate(energy_p, test, params, noisy)
+    assert row["err_p"] < 1e-5 and row["misfit_p"] < 1e-5
+    s_p, s_q = m.mixture_score(test, *params), m.mixture_score(test, *noisy)
+    assert row["err_q"] == pytest.approx(m.relative_score_error(s_p, s_q), rel=1e-4) and row["err_q"] > 0.3
+    log_p, log_q = m.mixture_log_prob(test, *params), m.mixture_log_prob(test, *noisy)
+    assert row["misfit_q"] == pytest.approx((log_q - log_p).std().item(), rel=1e-4) and row["misfit_q"] > 0.1
+    row = m.evaluate(energy_q, test, params, noisy)
+    assert row["err_q"] < 1e-5 and row["misfit_q"] < 1e-5 and row["err_p"] > 0.3 and row["misfit_p"] > 0.1
+
+
 # ---- the script ----
-def test_main_smoke_run_writes_the_figure(m, tmp_path, capsys):
-    results = m.main([f"--out_dir={tmp_path}", "--steps=30", "--n_train=500", "--n_test=200", "--hidden=16",
-                      "--langevin_steps=5", "--n_samples=50", "--log_every=30"])
+SMOKE = ["--steps=30", "--n_train=500", "--n_test=200", "--hidden=16", "--langevin_steps=5", "--n_samples=50",
+         "--log_every=30"]
+
+
+def test_main_smoke_run_writes_the_figure_and_a_true_energy_row_we_can_recompute(m, tmp_path, capsys):
+    results = m.main([f"--out_dir={tmp_path}"] + SMOKE)
     assert (tmp_path / "score_matching.png").stat().st_size > 10000
     out = capsys.readouterr().out
     for word in ("mixture:", "ring:", "exact", "dsm", "sliced", "score err vs p"):
         assert word in out
     assert set(results) == {"mixture", "ring"} and set(results["ring"]["samples"]) == {"exact", "dsm", "sliced"}
+    # the 'true E' row, recomputed here from the same seeds: main wires p, q_sigma and the samples right
+    for name in ("mixture", "ring"):
+        torch.manual_seed(0)  # main: set_seed(SEED), then data, test and Langevin starts are drawn
+        params = m.make_shape(name)
+        noisy = (params[0], m.noisy_covs(params[1], 0.3), params[2])
+        m.sample_mixture(500, *params)
+        test = m.sample_mixture(200, *params)
+        start = (torch.rand(50, 2) * 2 - 1) * 4.0
+        def true_energy(x):
+            return -m.mixture_log_prob(x, *params)
+        torch.manual_seed(1)
+        samples = m.langevin(true_energy, start, 0.01, 5)
+        s_p, s_q = m.mixture_score(test, *params), m.mixture_score(test, *noisy)
+        log_p, log_q = m.mixture_log_prob(test, *params), m.mixture_log_prob(test, *noisy)
+        expected = [0.0, m.relative_score_error(s_p, s_q), 0.0, (log_q - log_p).std().item(),
+                    m.mixture_log_prob(samples, *params).mean().item()]
+        table = out[out.index(f"\n{name}: "):]
+        line = next(line for line in table.splitlines() if line.startswith("true E"))
+        printed = [float(c) for c in line.split("|")[1:6]]
+        assert printed == pytest.approx(expected, abs=1.5e-3), (name, line, expected)
+        assert printed[1] > 0.3 and printed[3] > 0.1  # q_sigma differs from p: the test has power
+        # a warning under the table names exactly the methods whose errors are both above 0.9 (s = 0 scores 1)
+        rows = [line.split("|") for line in table.splitlines() if line.split("|")[0].strip() in ("exact", "dsm", "sliced")]
+        bad = [r[0].strip() for r in rows[:3] if min(float(r[1]), float(r[2])) > 0.9]
+        warned = [line.split(" (")[0] for line in table.splitlines() if line.startswith(f"warning: {name}: ")]
+        assert warned == ([f"warning: {name}: {', '.join(bad)} learned no usable score"] if bad else []), (bad, warned)
+
+
+def test_a_diverged_run_is_named_under_its_table(m, tmp_path, capsys, monkeypatch):
+    m.main([f"--out_dir={tmp_path}", "--lr=1", "--steps=50", "--n_train=1000", "--n_test=200", "--shapes=mixture",
+            "--methods=dsm", "--langevin_steps=5", "--n_samples=50", "--log_every=0"])
+    out = capsys.readouterr().out
+    assert "warning: mixture: dsm learned no usable score" in out and "try a smaller --lr (now 1.0)" in out
+    # the rule: warn when the errors against p AND against q_sigma are both above 0.9
+    monkeypatch.setattr(m, "plot", lambda *args: None)
+    for err_p, err_q, warned in [(0.95, 0.5, False), (0.5, 0.95, False), (0.95, 0.91, True), (0.85, 0.89, False)]:
+        monkeypatch.setattr(m, "evaluate", lambda *args: {"err_p": err_p, "err_q": err_q, "misfit_p": 0.0, "misfit_q": 0.0})
+        m.main([f"--out_dir={tmp_path}", "--steps=1", "--n_train=10", "--n_test=10", "--shapes=ring", "--methods=dsm",
+                "--langevin_steps=1", "--n_samples=5"])
+        assert ("warning: ring: dsm learned no usable score" in capsys.readouterr().out) == warned, (err_p, err_q)
+
+
+BAD_KNOBS = ["--seed=-1", "--threads=0", "--n_train=0", "--n_test=1", "--hidden=0", "--steps=0", "--steps=-5",
+             "--batch=0", "--n_projections=0", "--langevin_steps=0", "--n_samples=0", "--log_every=-1", "--lr=-1",
+             "--lr=nan", "--lr=inf", "--dsm_sigma=0", "--langevin_step=0", "--box=-4", "--shapes=moons",
+             "--shapes=", "--methods=exact,ism", "--methods=exact,exact", "--device=tpu"]
+
+
+@pytest.mark.parametrize("option", BAD_KNOBS)
+def test_every_bad_knob_stops_with_one_line_before_any_work(m, option, tmp_path, monkeypatch):
+    monkeypatch.setattr(m, "train_energy", None)  # calling it would raise a TypeError, not SystemExit
+    with pytest.raises(SystemExit) as info:
+        m.main([option, f"--out_dir={tmp_path / 'out'}"])
+    message = str(info.value)
+    assert message.startswith(f"error: {option}") and "\n" not in message, message
+    assert "allowed" in message or option == "--device=tpu", message  # pick_device lists its choices itself
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--stepz=3"], ["unrecognized arguments: --stepz=3", "--steps", "--dsm_sigma"]),
     (["--steps=many"], ["--steps", "int", "many"]),
-    (["--dsm_sigma=-1"], ["--dsm_sigma", "positive"]),
+    (["--dsm_sigma=-1"], ["--dsm_sigma", "> 0"]),
     (["--shapes=moons"], ["moons", "mixture", "ring"]),
     (["--methods=exact,ism"], ["ism", "exact", "dsm", "sliced"]),
 ])
-def test_bad_options_stop_with_one_line(m, argv, words):
+def test_bad_options_name_the_choices(m, argv, words):
     with pytest.raises(SystemExit) as info:
         m.main(argv)
     message = str(info.value)
     assert message.startswith("error:") and "\n" not in message
     for w in words:
         assert w in message
+
+
+def test_an_unwritable_out_dir_stops_before_training(m, tmp_path, monkeypatch):
+    monkeypatch.setattr(m, "train_energy", None)  # calling it would raise a TypeError, not SystemExit
+    (tmp_path / "a_file").write_text("not a folder")
+    for folder in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):  # unwritable even for root
+        with pytest.raises(SystemExit) as info:
+            m.main([f"--out_dir={folder}"] + SMOKE)
+        message = str(info.value)
+        assert message.startswith(f"error: --out_dir={folder} is ") and "\n" not in message
+        assert ("a file, not a folder" in message) == (folder.name == "a_file"), message
+        assert "allowed: a folder you may create and write to" in message
+
+
+def test_a_read_only_out_dir_is_refused(m, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root may write anyway: then there is nothing to refuse
+            pytest.skip("running as root: chmod 0o500 does not make a folder unwritable")
+        with pytest.raises(SystemExit, match="is not a writable folder"):
+            m.main([f"--out_dir={locked}"] + SMOKE)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_nan_loss_stops_training_with_the_cause(m):
+    net = m.EnergyMLP(8)
+    with torch.no_grad():
+        net.net[0].weight[0, 0] = float("nan")
+    torch.manual_seed(0)
+    with pytest.raises(SystemExit, match=r"error: the exact loss is nan at step 1; try a smaller --lr"):
+        m.train_energy(net, "exact", torch.randn(32, 2), steps=5, batch=8, lr=1e-3)
