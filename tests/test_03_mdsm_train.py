@@ -226,7 +226,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
 
 def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path):
     run_tiny(tmp_path, ["--steps=3"])
-    with pytest.raises(SystemExit, match="is a .*width.: 4.*pass the same --width"):
+    with pytest.raises(SystemExit, match="width.: 4.*pass the same --width"):
         run_tiny(tmp_path, ["--steps=3", "--width=8", "--resume"])
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage")
@@ -252,26 +252,20 @@ def param_grads(model, loss):
                       for g, p in zip(grads, model.parameters())])
 
 
-def test_functional_and_bf16_paths_match_the_fp32_reference():
+def test_bf16_path_matches_the_fp32_reference():
     torch.manual_seed(0)
     model = m.EnergyNet(3, 8, 1)
     x = torch.rand(16, 3, 32, 32)
     eps = torch.randn_like(x)
     sigmas = m.noise_levels(16, 0.05, 1.2)
     ref = param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
-    functional = m.make_functional_loss(model, SIGMA0)
-    g = param_grads(model, functional(dict(model.named_parameters()), x, sigmas, eps))
-    assert ((g - ref).norm() / ref.norm()).item() < 1e-5
     with torch.autocast("cpu", dtype=torch.bfloat16):
         g16 = param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
     assert ((g16 - ref).norm() / ref.norm()).item() < 0.05
 
 
-def test_smoke_run_writes_grid_and_benchmark_prints_every_variant(tmp_path, capsys):
+def test_smoke_run_writes_grid_and_ema(tmp_path):
     run_tiny(tmp_path, ["--steps=4", "--grid_every=2", "--ema_decay=0.9"])
     assert (tmp_path / "run" / "denoise_000004.png").exists()
     ckpt = m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert set(ckpt["ema"]) == set(ckpt["model"])
-    m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu"])
-    out = capsys.readouterr().out
-    assert "fp32 eager" in out and "bf16 eager" in out and "largest relative difference from fp32" in out
