@@ -121,27 +121,26 @@ def read_array_file(path, split):
     if key not in arrays and (split == "test" or not arrays):
         raise SystemExit(f"error: {path} has no {key} array (found: {', '.join(arrays) or 'none'}); use {array_format}")
     x = arrays.get(key, next(iter(arrays.values())))  # a .npz with one unnamed array = training images
-    if x.dtype != np.uint8 or x.ndim not in (3, 4) or x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
-        raise SystemExit(f"error: {path} holds {x.dtype} {x.shape}; expected uint8 images (N, H, W) or channels-last "
-                         f"(N, H, W, C) (for channels-first (N, C, H, W) save x.transpose(0, 2, 3, 1))")
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
-    if x.shape[1] not in (1, 3) or x.shape[2] % 8 or x.shape[3] % 8 or min(x.shape[2:]) < 8:
-        raise SystemExit(f"error: {path}: images are {x.shape[2]}x{x.shape[3]} with {x.shape[1]} channels; the "
-                         f"network needs 1 or 3 channels and sides divisible by 8 (pad or crop, or pass --image_size)")
-    return x
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or x.ndim == 4 and x.shape[3] not in (1, 3):
+        raise SystemExit(f"error: {path} holds {x.dtype} {x.shape}; expected uint8 images (N, H, W) or channels-last (N, H,"
+                         f" W, C) with C = 1 or 3 (for channels-first (N, C, H, W) save x.transpose(0, 2, 3, 1))")
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
 
 def load_images(dataset, data_dir="data", split="train", image_size=0):
     """All images of a split as uint8 (N, C, H, W), downloaded on first use. image_size > 0 area-averages
     them to that square side (rounded to 8 bits); 0 keeps H x W, but pads 28x28 digits to 32x32."""
     if dataset not in ("cifar10", *IDX_FILES) and not dataset.endswith((".npz", ".npy")):
         raise SystemExit(f"error: unknown --dataset={dataset}; use cifar10, mnist, fashion-mnist or {array_format}")
-    if image_size % 8:
-        raise SystemExit(f"error: --image_size={image_size}: the network needs sides divisible by 8 (8, 16, 24, 32)")
     x = torch.from_numpy(np.ascontiguousarray(read_cifar10(data_dir, split) if dataset == "cifar10" else
                          read_idx_images(data_dir, dataset, split) if dataset in IDX_FILES else read_array_file(dataset, split)))
     if image_size > 0:
-        return F.adaptive_avg_pool2d(x.float(), image_size).round().to(torch.uint8)  # area averaging
-    return F.pad(x, (2, 2, 2, 2)) if dataset in IDX_FILES else x  # the paper pads digits so 3 poolings give 4x4
+        x = F.adaptive_avg_pool2d(x.float(), image_size).round().to(torch.uint8)  # area averaging
+    elif dataset in IDX_FILES:
+        x = F.pad(x, (2, 2, 2, 2))  # the paper pads 28x28 digits with zeros so three 2x poolings give 4x4
+    if x.shape[2] % 8 or x.shape[3] % 8:
+        raise SystemExit(f"error: {dataset}: images of {x.shape[2]}x{x.shape[3]} pixels; the network needs sides divisible"
+                         f" by 8: pad or crop them, or pass --image_size (8, 16, 24, 32, ...)")
+    return x
 
 def images_to_float(x):
     """uint8 in {0..255} -> float in [0, 1]. No centring or dequantization, as in the paper."""
