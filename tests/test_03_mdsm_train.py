@@ -242,7 +242,7 @@ def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path):
         m.load_model(str(tmp_path / "missing.pt"))
     model, ckpt = m.load_model(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["step"] == 3 and model(torch.rand(2, 1, 32, 32)).shape == (2,)
-    assert "ckpt.pt.tmp" not in os.listdir(tmp_path / "run")  # the atomic write left no temp file
+    # (the atomic write is tested by a save that fails halfway: test_03_bad_input.py)
 
 
 # ---- fast paths against the fp32 eager reference ---------------------------------------------
@@ -269,3 +269,54 @@ def test_smoke_run_writes_grid_and_ema(tmp_path):
     assert (tmp_path / "run" / "denoise_000004.png").exists()
     ckpt = m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert set(ckpt["ema"]) == set(ckpt["model"])
+
+
+# ---- the science behind what the run prints and draws (issue 14) ------------------------------
+def test_ema_follows_its_rule_exactly():
+    torch.manual_seed(0)
+    model = m.EnergyNet(1, 4, 1)
+    ema = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    expected = {k: 0.9 * ema[k] + 0.1 * v for k, v in model.state_dict().items()}  # ema <- d*ema + (1-d)*w
+    m.ema_update(ema, model, 0.9)
+    for k, v in expected.items():
+        assert torch.allclose(ema[k], v, rtol=1e-6, atol=1e-7), k
+
+
+def test_denoised_grid_row_is_one_tweedie_step_on_a_closed_form_energy(tmp_path):
+    # Quadratic energy: grad E = (x - mu) / a, so the denoised row is x~ - sigma0^2 (x~ - mu) / a
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    rows = m.denoise_grid(Quadratic(a=0.05), x, SIGMA0, str(tmp_path / "grid.png")).view(9, 4, 1, 8, 8)
+    assert torch.equal(rows[0], x) and (tmp_path / "grid.png").exists()
+    for i, sigma in enumerate((0.1, 0.3, 0.6, 1.0)):
+        noisy, denoised = rows[1 + 2 * i], rows[2 + 2 * i]
+        assert abs((noisy - x).std().item() / sigma - 1) < 0.15  # the noisy row's noise level
+        assert torch.allclose(denoised, noisy - SIGMA0**2 * (noisy - 0.3) / 0.05, atol=1e-6)
+
+
+def test_loss_pairs_each_batch_slot_with_its_own_sigma():
+    # per slot j: ||sigma0^2 grad E(x~_j) - sigma_j eps_j||^2 / (sigma_j^2 sigma0^4), then the batch mean
+    model = Quadratic(a=0.5).double()
+    g = torch.Generator().manual_seed(2)
+    x, eps = torch.rand(5, 1, 2, 3, generator=g, dtype=torch.float64), torch.randn(5, 1, 2, 3, generator=g, dtype=torch.float64)
+    sigmas = m.noise_levels(5, 0.05, 1.2).double()
+    x_noisy = x + sigmas.view(-1, 1, 1, 1) * eps
+    per_slot = (SIGMA0**2 * (x_noisy - 0.3) / 0.5 - sigmas.view(-1, 1, 1, 1) * eps).pow(2).sum((1, 2, 3))
+    expected = (per_slot / (sigmas**2 * SIGMA0**4)).mean()
+    assert torch.allclose(m.mdsm_loss(model, x, sigmas, eps, SIGMA0), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spacing", ["linear", "log"])
+def test_training_uses_the_sigma_layout_and_seeded_cpu_noise(tmp_path, monkeypatch, spacing):
+    seen, real_loss = [], m.mdsm_loss
+
+    def recording_loss(model, x, sigmas, eps, sigma0):
+        seen.append((sigmas.clone(), eps.clone()))
+        return real_loss(model, x, sigmas, eps, sigma0)
+
+    monkeypatch.setattr(m, "mdsm_loss", recording_loss)
+    run_tiny(tmp_path, ["--steps=2", f"--sigma_spacing={spacing}"])
+    expected = m.noise_levels(8, 0.05, 1.2, spacing)  # slot j always gets the j-th level
+    assert all(torch.equal(sigmas, expected) for sigmas, _ in seen)
+    g = torch.Generator().manual_seed(0)  # --seed=0: the noise of step 1, then of step 2, on any device
+    assert torch.equal(seen[0][1], torch.randn(8, 1, 32, 32, generator=g))
+    assert torch.equal(seen[1][1], torch.randn(8, 1, 32, 32, generator=g))
