@@ -79,8 +79,8 @@ def fetch(urls, path, md5):
         except OSError as e:
             print(f"  failed: {e}", flush=True)
     if not os.path.exists(path) or hashlib.md5(pathlib.Path(path).read_bytes()).hexdigest() != md5:
-        raise SystemExit(f"error: {path} is missing, corrupt or incomplete (MD5 mismatch). Delete it and run again, "
-                         f"or download it by hand from {urls[0]} and put it there")
+        raise SystemExit(f"error: {path} is missing, or corrupt or incomplete (MD5 mismatch): the download failed? "
+                         f"Delete it and run again, or download it by hand from {urls[0]} and put it there")
 
 def read_cifar10(data_dir, split):
     folder, archive = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
