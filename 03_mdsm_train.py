@@ -8,24 +8,21 @@ MDSM (eq. 10 of the paper, weighted by 1/sigma^2 as in the authors' code) trains
 level sigma in [0.05, 1.2] at once, with x~ = x + sigma * eps:
     L = E_{x, sigma, eps} || x - x~ + sigma0^2 grad E(x~) ||^2 / (sigma^2 sigma0^4)
 Its minimizer is sigma0^2 grad E(x~) = x~ - E[x | x~] (Tweedie): one step of size sigma0^2 down the
-energy denoises x~, and exp(-E / T) matches the noisy data at T = sigma^2 / sigma0^2, which 04 anneals
-through. The step differentiates through grad_x E ("double backprop": about six forward passes).
+energy denoises x~, and exp(-E / T) matches the noisy data at T = sigma^2 / sigma0^2 (04 anneals through T).
 
-Commands (outputs in --out_dir: ckpt.pt, everything needed to resume, and denoise_XXXXXX.png grids of
-clean / noisy / denoised rows; measured runs are in the README)
+Commands (--out_dir gets ckpt.pt, all needed to resume, and denoise_*.png grids; results in the README)
   python 03_mdsm_train.py --dataset=mnist --image_size=16 --width=16 --blocks_per_stage=1 --batch_size=64 \
       --steps=3000 --lr=5e-4 --lr_min=1e-5           # CPU: tens of minutes, denoised digits
   python 03_mdsm_train.py --dataset=cifar10          # the paper's run: 62M params, 300k steps (GPU)
   python 03_mdsm_train.py --dataset=fashion-mnist --lr=1e-4 --steps=100000 --sigma_min=0.1 --sigma_max=3 \
       --sigma_spacing=log                            # the authors' Fashion-MNIST settings (GPU)
+  python 03_mdsm_train.py --benchmark                # ms/step and loss trajectory of each precision
   python 03_mdsm_train.py --resume --lr=2e-5         # continue --out_dir's run; a new lr/steps applies
-  python 03_mdsm_train.py --dataset=mnist --smoke    # seconds: plumbing check
 """
 import gzip, hashlib, math, os, pathlib, pickle, shutil, sys, tarfile, tempfile, time, urllib.request
 
 import numpy as np
-import torch
-import torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
 DATASET = "cifar10"          # cifar10 | mnist | fashion-mnist | path to .npz/.npy of uint8 images (N, H, W[, C])
@@ -51,6 +48,9 @@ CKPT_EVERY = 5000            # steps between checkpoints (one more at the end) .
 CKPT_MINUTES = 10.0          # ... and at the first loss check this many minutes after the last save
 RESUME = False               # continue from OUT_DIR/ckpt.pt; a new --lr/--lr_min/--steps rebuilds the schedule
 PRECISION = "fp32"           # fp32 (true fp32, TF32 off: the authors') | tf32 | bf16 (autocast trunk); CUDA
+BENCHMARK = False            # train BENCH_STEPS steps in each precision and compare the loss trajectories
+BENCH_STEPS = 100            # steps per benchmark variant (the same start, data and noise for each)
+BENCH_TOL = 0.01             # largest relative loss difference from fp32 that the benchmark accepts
 SMOKE = False                # width 8, 1 block per stage, batch 16, 20 steps for the knobs you did not pass
 DEVICE = "auto"              # auto | cpu | cuda | cuda:N | mps
 SEED = 0                     # seeds data order, noise and initialization
@@ -58,7 +58,6 @@ SEED = 0                     # seeds data order, noise and initialization
 # The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
 
 # ==== Data: the official archives, downloaded once, checked, kept whole on the device as uint8 ====
-CIFAR10_ARCHIVE = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
 IDX_FILES = {  # name -> (mirrors, md5 of the train and t10k image .gz files)
     "mnist": (["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
               {"train": "f68b3c2dcbeaaa9fbdd348bbdeb94873", "t10k": "9fb629c4189551a2d022fa330f9573f3"}),
@@ -79,14 +78,14 @@ def fetch(urls, path, md5):
         except OSError as e:
             print(f"  failed: {e}", flush=True)
     if not os.path.exists(path) or hashlib.md5(pathlib.Path(path).read_bytes()).hexdigest() != md5:
-        raise SystemExit(f"error: {path} is missing, or corrupt or incomplete (MD5 mismatch): the download failed? "
+        raise SystemExit(f"error: {path}: the download failed, or the file is corrupt or incomplete (MD5 mismatch). "
                          f"Delete it and run again, or download it by hand from {urls[0]} and put it there")
 
 def read_cifar10(data_dir, split):
     folder, archive = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if not all(os.path.exists(os.path.join(folder, n)) for n in names):
-        fetch([CIFAR10_ARCHIVE[0]], archive, CIFAR10_ARCHIVE[1])
+        fetch(["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"], archive, "c58f30108f718f92721af3b95e74349a")
         with tarfile.open(archive) as tar:
             tar.extractall(data_dir, filter="data")
     try:
@@ -142,9 +141,8 @@ def load_images(dataset, data_dir="data", split="train", image_size=0):
                          f" by 8: pad or crop them, or pass --image_size (8, 16, 24, 32, ...)")
     return x
 
-def images_to_float(x):
-    """uint8 in {0..255} -> float in [0, 1]. No centring or dequantization, as in the paper."""
-    return x.float() / 255.0
+def images_to_float(x):  # uint8 in {0..255} -> float in [0, 1]
+    return x.float() / 255.0  # no centring or dequantization, as in the paper
 
 # ==== Model: a ResNet energy with smooth ELUs (the loss differentiates grad_x E), no normalization ====
 class ResBlock(nn.Module):
@@ -188,12 +186,12 @@ class EnergyNet(nn.Module):
 # ==== Loss: MDSM as the authors coded it ====
 def noise_levels(batch_size, sigma_min, sigma_max, spacing="linear", device="cpu"):
     """One sigma per batch slot, stratified over [sigma_min, sigma_max] (shuffled data pairs them)."""
-    if spacing == "log":
+    if spacing == "log":  # the paper's Fashion-MNIST setting
         return torch.logspace(np.log10(sigma_min), np.log10(sigma_max), batch_size, device=device)
     return torch.linspace(sigma_min, sigma_max, batch_size, device=device)
 
 def mdsm_loss(model, x, sigmas, eps, sigma0):
-    """Batch mean of the per-sample loss; grad_x E keeps its graph so the loss can be differentiated again."""
+    """Batch mean of the per-sample loss; grad_x E keeps its graph for the weights' gradient (double backprop)."""
     s = sigmas.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x_noisy = (x + s * eps).requires_grad_(True)  # x~ = x + sigma*eps
     (grad_energy,) = torch.autograd.grad(model(x_noisy).sum(), x_noisy, create_graph=True)  # (B, C, H, W)
@@ -204,11 +202,12 @@ def mdsm_loss(model, x, sigmas, eps, sigma0):
 # ==== Checkpoints: one dict, written atomically, refused with a clear message when it does not fit ====
 def make_checkpoint(model, config, step=0, optimizer=None, scheduler=None, ema=None, kind="mdsm-energy", **extra):
     """Everything needed to resume or sample; weights come from the uncompiled model."""
-    parts = {"optimizer": optimizer, "scheduler": scheduler}
-    return {"kind": kind, "model_args": dict(model.model_args), "config": dict(config), "step": step,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra,
-            **{k: v.state_dict() for k, v in parts.items() if v is not None},
-            **({"ema": {k: v.detach().cpu() for k, v in ema.items()}} if ema is not None else {})}
+    ckpt = {"kind": kind, "model_args": dict(model.model_args), "config": dict(config), "step": step,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    ckpt.update({name: part.state_dict() for name, part in (("optimizer", optimizer), ("scheduler", scheduler)) if part})
+    if ema is not None:
+        ckpt["ema"] = {k: v.detach().cpu() for k, v in ema.items()}
+    return ckpt
 
 def save_checkpoint(ckpt, path):
     """Atomic: a temporary file renamed over `path`; a failed write keeps the old one and removes the partial file."""
@@ -253,37 +252,20 @@ def load_model(path, device="cpu", use_ema=False):
 # ==== Training ====
 def check_config(c):
     """Every knob against its allowed range before any work: one line names the first one outside it."""
-    rules = {k: (getattr(c, k) >= 1, "an integer >= 1") for k in "BATCH_SIZE STEPS LOG_EVERY GRID_EVERY CKPT_EVERY".split()}
+    rules = {k: (getattr(c, k) >= 1, ">= 1") for k in "BATCH_SIZE STEPS LOG_EVERY GRID_EVERY CKPT_EVERY BENCH_STEPS".split()}
     rules.update(LR=(c.LR > 0, "> 0"), LR_MIN=(0 <= c.LR_MIN <= c.LR, "0 to --lr"), BETA1=(0 <= c.BETA1 < 1, "[0, 1)"),
-                 BETA2=(0 <= c.BETA2 < 1, "[0, 1)"), EMA_DECAY=(0 <= c.EMA_DECAY < 1, "[0, 1)"), WIDTH=(c.WIDTH >= 0, ">= 0"),
-                 BLOCKS_PER_STAGE=(c.BLOCKS_PER_STAGE >= 0, ">= 0"), SIGMA0=(c.SIGMA0 > 0, "> 0"),
-                 IMAGE_SIZE=(c.IMAGE_SIZE >= 0 and c.IMAGE_SIZE % 8 == 0, "0 or a multiple of 8"),
+                 BETA2=(0 <= c.BETA2 < 1, "[0, 1)"), EMA_DECAY=(0 <= c.EMA_DECAY < 1, "[0, 1)"), SEED=(c.SEED >= 0, ">= 0"),
+                 WIDTH=(c.WIDTH >= 0, ">= 0"), BLOCKS_PER_STAGE=(c.BLOCKS_PER_STAGE >= 0, ">= 0"), SIGMA0=(c.SIGMA0 > 0, "> 0"),
+                 IMAGE_SIZE=(c.IMAGE_SIZE >= 0 and c.IMAGE_SIZE % 8 == 0, "0, 8, 16, 24, ..."), BENCH_TOL=(c.BENCH_TOL > 0, "> 0"),
                  SIGMA_MIN=(0 < c.SIGMA_MIN <= c.SIGMA_MAX, "(0, --sigma_max]"), CKPT_MINUTES=(c.CKPT_MINUTES > 0, "> 0"),
-                 SIGMA_SPACING=(c.SIGMA_SPACING in ("linear", "log"), "linear, log"), SEED=(c.SEED >= 0, ">= 0"),
+                 SIGMA_SPACING=(c.SIGMA_SPACING in ("linear", "log"), "linear, log"),
                  PRECISION=(c.PRECISION in ("fp32", "tf32", "bf16"), "fp32, tf32, bf16"))
     for knob, (ok, allowed) in rules.items():
         if not ok:
             raise SystemExit(f"error: --{knob.lower()}={getattr(c, knob)} is out of range; allowed: {allowed}")
 
-def apply_smoke(cfg, passed):
-    """--smoke: tiny values for the knobs not passed on the command line; the passed ones win (and are named)."""
-    tiny = dict(WIDTH=8, BLOCKS_PER_STAGE=1, BATCH_SIZE=16, STEPS=20, LOG_EVERY=5, GRID_EVERY=10, CKPT_EVERY=10)
-    vars(cfg).update({k: v for k, v in tiny.items() if k not in passed})
-    print("smoke: " + " ".join(f"{k.lower()}={getattr(cfg, k)}" + (" (yours)" if k in passed else "") for k in tiny))
-
-def set_precision(precision, device):
-    """fp32: true fp32 (TF32 off, the authors'); tf32: TF32 products on CUDA; bf16: autocast trunk. -> use_bf16"""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN may pick its fastest kernels
-    return precision == "bf16"
-
-def cosine_lr(step, lr, lr_min, steps):
-    """The authors' CosineAnnealingLR(T_max=steps, eta_min=lr_min) after `step` steps, in closed form."""
+def cosine_lr(step, lr, lr_min, steps):  # the authors' CosineAnnealingLR(T_max=steps, eta_min=lr_min), closed form
     return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * step / steps)) / 2
-
-def epoch_order(seed, epoch, n, device):
-    """One epoch's order, a function of (seed, epoch) only (a resumed run sees the same batches)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
@@ -294,9 +276,8 @@ def resume(cfg, path, model, opt, ema, noise_gen):
     """Load `path` into this run; returns its step. State goes to the model's device and layout (CPU <-> CUDA)."""
     ckpt = load_checkpoint(path)
     if ckpt.get("model_args") != model.model_args or ckpt["step"] >= cfg.STEPS:
-        raise SystemExit(f"error: {path} holds step {ckpt['step']} of {ckpt.get('model_args')}; this run builds "
-                         f"{model.model_args} for --steps={cfg.STEPS}: pass the same --width/--blocks_per_stage/"
-                         f"--dataset/--image_size and a larger --steps")
+        raise SystemExit(f"error: {path} holds step {ckpt['step']} of {ckpt.get('model_args')}, this run {model.model_args} to "
+                         f"--steps={cfg.STEPS}: pass the same --width/--blocks_per_stage/--dataset/--image_size, more --steps")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     for p, state in opt.state.items():
@@ -327,7 +308,9 @@ def train(cfg, data, device):
     n, c, h, w = data.shape
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h if h == w else [h, w]).to(device, memory_format=fmt)
-    use_bf16 = set_precision(cfg.PRECISION, device)
+    # fp32: true fp32 (TF32 off), the authors' arithmetic; tf32: TF32 products on CUDA; bf16: autocast the trunk
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.PRECISION == "tf32"
+    torch.backends.cudnn.benchmark, use_bf16 = device.type == "cuda", cfg.PRECISION == "bf16"  # cuDNN: fastest kernels
     opt = torch.optim.Adam(model.parameters(), lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), fused=device.type == "cuda")
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.EMA_DECAY > 0 else None
     noise_gen = torch.Generator().manual_seed(cfg.SEED)  # on the CPU: the same noise on every device
@@ -344,7 +327,8 @@ def train(cfg, data, device):
     for step in range(start + 1, cfg.STEPS + 1):
         epoch, batch_in_epoch = divmod(step - 1, per_epoch)
         if order is None or batch_in_epoch == 0:
-            order = epoch_order(cfg.SEED, epoch, n, device)
+            g = torch.Generator().manual_seed(cfg.SEED * 100_003 + epoch)  # a function of (seed, epoch) alone:
+            order = torch.randperm(n, generator=g).to(device)  # a resumed run sees the same batches
         batch = order[batch_in_epoch * cfg.BATCH_SIZE:(batch_in_epoch + 1) * cfg.BATCH_SIZE]
         x = images_to_float(data[batch]).contiguous(memory_format=fmt)  # (B, C, H, W) in [0, 1]
         eps = torch.randn(x.shape, generator=noise_gen).to(device, memory_format=fmt)  # drawn on the CPU
@@ -360,17 +344,17 @@ def train(cfg, data, device):
         window += loss.detach()
         progress(step - start, cfg.STEPS - start, t0)  # time left counts only this session's steps
         checked = step % cfg.LOG_EVERY == 0 or step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS
-        if checked:  # the mean loss and the weights' norm (a NaN anywhere shows in it): one host sync
-            stats = torch.stack([window / (step - window_start), sum(torch._foreach_norm([p.detach() for p in model.parameters()]))])
-            mean_loss, weight_norm = stats.tolist()
+        if checked:  # the mean loss and the weights' norm, with one host sync per check
+            norm = sum(torch._foreach_norm([p.detach() for p in model.parameters()]))  # a NaN anywhere shows in it
+            mean_loss, weight_norm = torch.stack([window / (step - window_start), norm]).tolist()
             normalized, rate = mean_loss * cfg.SIGMA0**4, (step - window_start) / (time.time() - t_window)
-            median = float(np.median(history)) if history else math.inf
+            median = float(np.median([past for _, past, _ in history])) if history else math.inf
             # an untrained net sits near 1 per dimension: far above that, or 100x the median so far, is divergence
             if not math.isfinite(normalized + weight_norm) or normalized > 1000 * c * h * w or normalized > 100 * median:
                 kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "none was saved"
                 raise SystemExit(f"error: the normalized loss became {normalized:.3g} (median so far {median:.3g}) by step "
                                  f"{step}; stopped, {kept}. Continue with a lower lr: --resume --lr={cfg.LR / 10:.1e}")
-            history.append(normalized)
+            history.append((step, normalized, rate))
             if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS:
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     e_data = model(x).float().mean().item()  # the authors' monitors: E of clean data
@@ -382,17 +366,34 @@ def train(cfg, data, device):
         if step % cfg.GRID_EVERY == 0 or step == cfg.STEPS:
             denoise_grid(model, images_to_float(data[:8]), cfg.SIGMA0, os.path.join(cfg.OUT_DIR, f"denoise_{step:06d}.png"))
         if step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS or checked and time.time() - t_saved > 60 * cfg.CKPT_MINUTES:
-            save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, None, ema, noise_rng=noise_gen.get_state()),
-                            ckpt_path)
+            save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, ema=ema, noise_rng=noise_gen.get_state()), ckpt_path)
             t_saved = time.time()
     print(f"done: {cfg.STEPS - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}", flush=True)
-    return model
+    return history  # (step, normalized loss, it/s) of every loss check
+
+# ==== Benchmark: each precision trains BENCH_STEPS steps from the same start, data and noise (same seed) ====
+def benchmark(cfg, data, device):
+    runs = {}  # precision -> (checks, 3): step, normalized loss, it/s
+    for precision in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16"):
+        with tempfile.TemporaryDirectory() as out:
+            set_seed(cfg.SEED)  # the same initial weights for every precision
+            run = type(cfg)(**{**vars(cfg), "PRECISION": precision, "OUT_DIR": out, "STEPS": cfg.BENCH_STEPS,
+                               "LOG_EVERY": max(1, cfg.BENCH_STEPS // 10), "GRID_EVERY": 10**9, "RESUME": False})
+            runs[precision] = trajectory = np.array(train(run, data, device))
+        stray = np.abs(trajectory[:, 1] / runs["fp32"][:, 1] - 1).max()  # the loss trajectory against fp32's
+        print(f"benchmark {precision}: {1000 / trajectory[-1, 2]:.1f} ms/step | loss trajectory differs from fp32's by up"
+              f" to {stray:.1e} (relative): " + ("ok" if stray <= cfg.BENCH_TOL else "REFUSED, beyond --bench_tol"), flush=True)
+    return runs
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(globals(), argv)
-    if cfg.SMOKE:  # tiny values for the knobs not passed on the command line; passed ones win
-        apply_smoke(cfg, {a[2:].split("=")[0].upper() for a in argv if a.startswith("--")})
+    if cfg.SMOKE:  # tiny values for the knobs not passed on the command line: passed ones win
+        passed = {a[2:].split("=")[0].upper() for a in argv if a.startswith("--")}
+        tiny = dict(WIDTH=8, BLOCKS_PER_STAGE=1, BATCH_SIZE=16, STEPS=20, LOG_EVERY=5, GRID_EVERY=10, CKPT_EVERY=10,
+                    BENCH_STEPS=3)
+        vars(cfg).update({k: v for k, v in tiny.items() if k not in passed})
+        print("smoke: " + " ".join(f"{k.lower()}={getattr(cfg, k)}" + (" (yours)" if k in passed else "") for k in tiny))
     check_config(cfg)
     device = pick_device(cfg.DEVICE)
     try:  # fail in a second, not after hours of training, if the checkpoint cannot be written
@@ -406,11 +407,11 @@ def main(argv=None):
     cfg.BLOCKS_PER_STAGE = cfg.BLOCKS_PER_STAGE or (3 if data.shape[1] == 3 else 2)
     if len(data) < cfg.BATCH_SIZE:
         raise SystemExit(f"error: {cfg.DATASET} has {len(data)} images, fewer than --batch_size={cfg.BATCH_SIZE}")
-    print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}")
-    if device.type == "cpu" and cfg.WIDTH >= 64:
-        print("note: the paper-size model is meant for a GPU; for a CPU run see the first command of the docstring")
+    print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}" + (
+        "\nnote: the paper-size model is meant for a GPU; for a CPU run see the first command in the docstring"
+        if device.type == "cpu" and cfg.WIDTH >= 64 else ""))
     data = data.to(device)  # 150 MiB for CIFAR-10: batches are then drawn without host copies
-    return train(cfg, data, device)
+    return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device)
 
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====

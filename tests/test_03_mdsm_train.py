@@ -320,3 +320,13 @@ def test_training_uses_the_sigma_layout_and_seeded_cpu_noise(tmp_path, monkeypat
     g = torch.Generator().manual_seed(0)  # --seed=0: the noise of step 1, then of step 2, on any device
     assert torch.equal(seen[0][1], torch.randn(8, 1, 32, 32, generator=g))
     assert torch.equal(seen[1][1], torch.randn(8, 1, 32, 32, generator=g))
+
+
+def test_benchmark_compares_each_precision_with_fp32_from_the_same_start(tmp_path, capsys):
+    runs = m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu",
+                   "--bench_steps=4", f"--out_dir={tmp_path / 'bench'}"])
+    out = capsys.readouterr().out
+    assert "benchmark fp32: " in out and "differs from fp32's by up to 0.0e+00 (relative): ok" in out
+    assert "benchmark bf16: " in out and set(runs) == {"fp32", "bf16"}
+    assert runs["fp32"][:, 1] == pytest.approx(runs["bf16"][:, 1], rel=0.05)  # same start, data and noise
+    assert not (tmp_path / "bench" / "ckpt.pt").exists()  # benchmark runs leave no checkpoint behind
