@@ -329,4 +329,17 @@ def test_benchmark_compares_each_precision_with_fp32_from_the_same_start(tmp_pat
     assert "benchmark fp32: " in out and "differs from fp32's by up to 0.0e+00 (relative): ok" in out
     assert "benchmark bf16: " in out and set(runs) == {"fp32", "bf16"}
     assert runs["fp32"][:, 1] == pytest.approx(runs["bf16"][:, 1], rel=0.05)  # same start, data and noise
+    stray = np.abs(runs["bf16"][:, 1] / runs["fp32"][:, 1] - 1).max()  # bf16 against fp32, not against itself
+    assert 0 < stray and "benchmark bf16: " in out and f"by up to {stray:.1e} (relative)" in out
     assert not (tmp_path / "bench" / "ckpt.pt").exists()  # benchmark runs leave no checkpoint behind
+
+
+def test_fp32_means_true_fp32_and_tf32_is_an_opt_in(tmp_path):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        run_tiny(tmp_path, ["--steps=1"], out="fp32")  # the default precision
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        run_tiny(tmp_path, ["--steps=1", "--precision=tf32"], out="tf32")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
