@@ -201,7 +201,7 @@ def mdsm_loss(model, x, sigmas, eps, sigma0):
 
 # ==== Checkpoints: one dict, written atomically, refused with a clear message when it does not fit ====
 def make_checkpoint(model, config, step=0, optimizer=None, scheduler=None, ema=None, kind="mdsm-energy", **extra):
-    """Everything needed to resume or sample; weights come from the uncompiled model."""
+    """Everything needed to resume or sample (model_args rebuild the net, config holds every knob)."""
     ckpt = {"kind": kind, "model_args": dict(model.model_args), "config": dict(config), "step": step,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
     ckpt.update({name: part.state_dict() for name, part in (("optimizer", optimizer), ("scheduler", scheduler)) if part})
