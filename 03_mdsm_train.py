@@ -4,39 +4,28 @@ Paper: Z. Li, Y. Chen, F. T. Sommer, "Learning Energy-Based Models in High-Dimen
 Multiscale Denoising Score Matching", arXiv 1910.07762 (Entropy 2023). Facts: shared spec MDSM.md.
 
 One network E(x) gives a scalar energy per image (low energy = likely image; the score is -grad E).
-It is trained so that, for noise levels sigma in [0.05, 1.2] at once,
-    sigma0^2 * grad E(x~) = x~ - E[x | x~],    x~ = x + sigma * eps,
-i.e. one step of size sigma0^2 down the energy denoises x~ (Tweedie). Then exp(-E / T) matches the
-noisy data density q_sigma at temperature T = sigma^2 / sigma0^2, which is what 04 anneals through.
-The training step differentiates through grad_x E ("double backprop"), so it costs about six
-forward passes; the file shows that step in full (see `mdsm_loss` and the loop in `train`).
+MDSM (eq. 10 of the paper, weighted by 1/sigma^2 as in the authors' code) trains it at every noise
+level sigma in [0.05, 1.2] at once, with x~ = x + sigma * eps:
+    L = E_{x, sigma, eps} || x - x~ + sigma0^2 grad E(x~) ||^2 / (sigma^2 sigma0^4)
+Its minimizer is sigma0^2 grad E(x~) = x~ - E[x | x~] (Tweedie): one step of size sigma0^2 down the
+energy denoises x~, and exp(-E / T) matches the noisy data at T = sigma^2 / sigma0^2 (04 anneals through T).
 
-Commands
-  python 03_mdsm_train.py --dataset=cifar10            # the paper's run: 62M params, 300k steps (GPU)
-  python 03_mdsm_train.py --dataset=cifar10 --benchmark   # ms/step of each precision/compile variant
-  python 03_mdsm_train.py --dataset=mnist --width=16 --steps=300 --batch_size=32   # CPU, minutes
-  python 03_mdsm_train.py --dataset=mnist --smoke       # seconds: tiny net, a few steps
-  python 03_mdsm_train.py --resume                      # continue the run in --out_dir
-Outputs (in --out_dir): ckpt.pt (everything needed to resume), denoise_XXXXXX.png progress grids.
-Fashion-MNIST as in the paper: --dataset=fashion-mnist --sigma_min=0.1 --sigma_max=3 --sigma_spacing=log.
+Commands (--out_dir gets ckpt.pt, all needed to resume, and denoise_*.png grids; results in the README)
+  python 03_mdsm_train.py --dataset=mnist --image_size=16 --width=16 --blocks_per_stage=1 --batch_size=64 \
+      --steps=3000 --lr=5e-4 --lr_min=1e-5           # CPU: tens of minutes, denoised digits
+  python 03_mdsm_train.py --dataset=cifar10          # the paper's run: 62M params, 300k steps (GPU)
+  python 03_mdsm_train.py --dataset=fashion-mnist --lr=1e-4 --steps=100000 --sigma_min=0.1 --sigma_max=3 \
+      --sigma_spacing=log                            # the authors' Fashion-MNIST settings (GPU)
+  python 03_mdsm_train.py --benchmark                # ms/step and loss trajectory of each precision
+  python 03_mdsm_train.py --resume --lr=2e-5         # continue --out_dir's run; a new lr/steps applies
 """
-import gzip
-import hashlib
-import os
-import pickle
-import shutil
-import sys
-import tarfile
-import time
-import urllib.request
+import gzip, hashlib, math, os, pathlib, pickle, shutil, sys, tarfile, tempfile, time, urllib.request
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
-DATASET = "cifar10"          # cifar10 | mnist | fashion-mnist | path to .npz/.npy of uint8 images
+DATASET = "cifar10"          # cifar10 | mnist | fashion-mnist | path to .npz/.npy of uint8 images (N, H, W[, C])
 DATA_DIR = "data"            # where archives are downloaded, checked and extracted
 IMAGE_SIZE = 0               # 0 = native (MNIST padded to 32); >0 area-downsamples to this side (16 for a CPU run)
 OUT_DIR = "out/03_mdsm_train"  # checkpoint and PNG grids of this run
@@ -53,183 +42,129 @@ LR_MIN = 1e-6                # cosine decay floor, reached at STEPS
 BETA1 = 0.9                  # Adam beta1
 BETA2 = 0.95                 # Adam beta2
 EMA_DECAY = 0.0              # EMA of the weights, saved beside them; 0 = off (paper), 0.9999 typical
-LOG_EVERY = 50               # steps between log lines (the authors logged every 50)
+LOG_EVERY = 50               # steps between log lines and loss checks (the authors logged every 50)
 GRID_EVERY = 2000            # steps between noisy -> denoised PNG grids
-CKPT_EVERY = 5000            # steps between checkpoints (one more at the end)
-RESUME = False               # continue from OUT_DIR/ckpt.pt
-PRECISION = "auto"           # auto (bf16 trunk on CUDA, fp32 elsewhere) | fp32 | bf16
-COMPILE = False              # torch.compile the loss through torch.func (double backprop inside)
-BENCHMARK = False            # time each variant for BENCH_STEPS steps instead of training
-BENCH_STEPS = 100            # timed steps per benchmark variant (after warm-up)
-SMOKE = False                # shorthand: width 8, 1 block per stage, batch 16, 20 steps (plumbing check)
+CKPT_EVERY = 5000            # steps between checkpoints (one more at the end) ...
+CKPT_MINUTES = 10.0          # ... and at the first loss check this many minutes after the last save
+RESUME = False               # continue from OUT_DIR/ckpt.pt; a new --lr/--lr_min/--steps rebuilds the schedule
+PRECISION = "fp32"           # fp32 (true fp32, TF32 off: the authors') | tf32 | bf16 (autocast trunk); CUDA
+BENCHMARK = False            # train BENCH_STEPS steps in each precision and compare the loss trajectories
+BENCH_STEPS = 100            # steps per benchmark variant (the same start, data and noise for each)
+BENCH_TOL = 0.01             # largest relative loss difference from fp32 that the benchmark accepts
+SMOKE = False                # width 8, 1 block per stage, batch 16, 20 steps for the knobs you did not pass
 DEVICE = "auto"              # auto | cpu | cuda | cuda:N | mps
 SEED = 0                     # seeds data order, noise and initialization
 
 # The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
 
-
-# ---------------------------------------------------------------------------------------------
-# Data: the official archives, downloaded once, checked, and kept whole on the device as uint8.
-# ---------------------------------------------------------------------------------------------
-CIFAR10_ARCHIVE = {"url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                   "md5": "c58f30108f718f92721af3b95e74349a"}
-IDX_FILES = {  # name -> (mirrors, {file: md5 of the .gz})
+# ==== Data: the official archives, downloaded once, checked, kept whole on the device as uint8 ====
+IDX_FILES = {  # name -> (mirrors, md5 of the train and t10k image .gz files)
     "mnist": (["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
-              {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-               "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3"}),
+              {"train": "f68b3c2dcbeaaa9fbdd348bbdeb94873", "t10k": "9fb629c4189551a2d022fa330f9573f3"}),
     "fashion-mnist": (["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-                      {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                       "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79"}),
-}
-
-
-def md5_of(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
+                      {"train": "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "t10k": "bef4ecab320f06d8554ea6380940ec79"})}
+array_format = "a .npz/.npy of uint8 images (N, H, W) or (N, H, W, C), e.g. np.savez(path, x_train=x, x_test=y)"
 
 def fetch(urls, path, md5):
     """Download to `path` (trying each mirror) unless it is there; verify the MD5 either way."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        for url in urls:
-            try:
-                print(f"downloading {url}", flush=True)
-                with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
-                    shutil.copyfileobj(r, f)
-                os.replace(path + ".part", path)
-                break
-            except OSError as e:
-                print(f"  failed: {e}", flush=True)
-        else:
-            raise SystemExit(f"error: could not download {os.path.basename(path)}. Download it by hand from "
-                             f"{urls[0]} and put it at {path} (or point --data_dir at a folder that has it)")
-    if md5_of(path) != md5:
-        raise SystemExit(f"error: {path} is corrupt or incomplete (MD5 mismatch). Delete it and run again, "
-                         f"or download it by hand from {urls[0]} and put it there")
-
+    for url in urls if not os.path.exists(path) else []:
+        try:
+            print(f"downloading {url}", flush=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+                shutil.copyfileobj(r, f)
+            os.replace(path + ".part", path)
+            break
+        except OSError as e:
+            print(f"  failed: {e}", flush=True)
+    if not os.path.exists(path) or hashlib.md5(pathlib.Path(path).read_bytes()).hexdigest() != md5:
+        raise SystemExit(f"error: {path}: the download failed, or the file is corrupt or incomplete (MD5 mismatch). "
+                         f"Delete it and run again, or download it by hand from {urls[0]} and put it there")
 
 def read_cifar10(data_dir, split):
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    folder, archive = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if not all(os.path.exists(os.path.join(folder, n)) for n in names):
-        archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
-        fetch([CIFAR10_ARCHIVE["url"]], archive, CIFAR10_ARCHIVE["md5"])
+        fetch(["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"], archive, "c58f30108f718f92721af3b95e74349a")
         with tarfile.open(archive) as tar:
             tar.extractall(data_dir, filter="data")
-    chunks = []
-    for n in names:
-        try:
-            with open(os.path.join(folder, n), "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        except Exception as e:  # a truncated or foreign file: say which, and how to fix it
-            raise SystemExit(f"error: {os.path.join(folder, n)} is not a CIFAR-10 batch ({type(e).__name__}). "
-                             f"Delete {folder} and run again to re-extract it") from None
-    return np.concatenate(chunks)  # (N, 3, 32, 32), official R, G, B planes
-
+    try:
+        return np.concatenate([np.asarray(pickle.loads(pathlib.Path(folder, n).read_bytes(), encoding="bytes")[b"data"],
+                                          np.uint8).reshape(-1, 3, 32, 32) for n in names])  # official R, G, B planes
+    except Exception as e:  # a truncated or foreign file: say how to fix it
+        raise SystemExit(f"error: {folder} holds no readable CIFAR-10 batches ({type(e).__name__}). Delete it and run "
+                         f"again to re-extract it") from None
 
 def read_idx_images(data_dir, name, split):
-    mirrors, files = IDX_FILES[name]
-    fname = ("train" if split == "train" else "t10k") + "-images-idx3-ubyte.gz"
-    path = os.path.join(data_dir, name, fname)
+    (mirrors, md5), part = IDX_FILES[name], "train" if split == "train" else "t10k"
+    path = os.path.join(data_dir, name, f"{part}-images-idx3-ubyte.gz")
     if not os.path.exists(path):  # files put there by hand are checked by their IDX header below
-        fetch([m + fname for m in mirrors], path, files[fname])
+        fetch([m + os.path.basename(path) for m in mirrors], path, md5[part])
     try:
-        raw = gzip.open(path).read()
+        raw = bytearray(gzip.open(path).read())  # writable, so torch.from_numpy warns about nothing
         magic, n, h, w = np.frombuffer(raw[:16], ">u4")
-        assert magic == 2051 and len(raw) == 16 + n * h * w
-    except Exception:
-        raise SystemExit(f"error: {path} is not an IDX image file (corrupt or incomplete). "
-                         f"Delete it and run again to download it") from None
+        if magic != 2051 or len(raw) != 16 + n * h * w:
+            raise ValueError
+    except (OSError, ValueError, EOFError):
+        raise SystemExit(f"error: {path} is not an IDX image file (corrupt or incomplete). Delete it and run again") from None
     return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)  # 28x28 digits
 
-
 def read_array_file(path, split):
-    """A user's own images: .npy, or .npz with x_train/x_test (else its first array)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --dataset={path}: no such file; use cifar10, mnist, fashion-mnist, "
-                         f"or a .npz/.npy of uint8 images (N, H, W) or (N, H, W, C)")
-    data = np.load(path)
-    if isinstance(data, np.ndarray):
-        if split == "test":
-            raise SystemExit(f"error: {path} is one array of training images; for test images save a "
-                             f".npz with x_train and x_test")
-        x = data
-    else:
-        key = {"train": "x_train", "test": "x_test"}[split]
-        if key not in data.files and split == "test":
-            raise SystemExit(f"error: {path} has no x_test array, so there are no test images; "
-                             f"save held-out images as x_test (arrays found: {', '.join(data.files)})")
-        x = data[key] if key in data.files else data[data.files[0]]  # a single array = training images
-    if x.dtype != np.uint8 or x.ndim not in (3, 4):
-        raise SystemExit(f"error: {path} holds {x.dtype} {x.shape}; expected uint8 images (N, H, W) or (N, H, W, C)")
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
-    if x.shape[1] not in (1, 3) or x.shape[2] % 8 or x.shape[3] % 8:
-        raise SystemExit(f"error: {path}: images are {x.shape[2]}x{x.shape[3]} with {x.shape[1]} channels; "
-                         f"the network needs 1 or 3 channels and sides divisible by 8 (pad or crop them)")
-    return x
-
+    """A user's own images: .npy, or .npz with x_train/x_test (else its first array), channels last."""
+    try:
+        data = np.load(path)
+        arrays = {"x_train": data} if isinstance(data, np.ndarray) else {k: data[k] for k in data.files}
+    except Exception as e:  # missing, a text file renamed .npz, a pickle, a truncated archive
+        raise SystemExit(f"error: --dataset={path} is not a NumPy file ({type(e).__name__}); use {array_format}") from None
+    key = "x_train" if split == "train" else "x_test"
+    if key not in arrays and (split == "test" or not arrays):
+        raise SystemExit(f"error: {path} has no {key} array (found: {', '.join(arrays) or 'none'}); use {array_format}")
+    x = arrays.get(key, next(iter(arrays.values())))  # a .npz with one unnamed array = training images
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or x.ndim == 4 and x.shape[3] not in (1, 3):
+        raise SystemExit(f"error: {path} holds {x.dtype} {x.shape}; expected uint8 images (N, H, W) or channels-last (N, H,"
+                         f" W, C) with C = 1 or 3 (for channels-first (N, C, H, W) save x.transpose(0, 2, 3, 1))")
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
 
 def load_images(dataset, data_dir="data", split="train", image_size=0):
-    """All images of a split as a uint8 tensor (N, C, H, W); downloads on first use. image_size > 0
-    area-averages them to image_size x image_size (rounded back to 8 bits: MNIST 28 -> 16 for a CPU run);
-    0 keeps them, except that 28x28 digits are zero-padded to 32x32 as in the paper."""
-    if dataset == "cifar10":
-        x = read_cifar10(data_dir, split)
-    elif dataset in IDX_FILES:
-        x = read_idx_images(data_dir, dataset, split)
-    elif dataset.endswith((".npz", ".npy")):
-        x = read_array_file(dataset, split)
-    else:
-        raise SystemExit(f"error: unknown --dataset={dataset}; use cifar10, mnist, fashion-mnist, "
-                         f"or a path to a .npz/.npy of uint8 images")
-    x = torch.from_numpy(np.ascontiguousarray(x))
+    """All images of a split as uint8 (N, C, H, W), downloaded on first use. image_size > 0 area-averages
+    them to that square side (rounded to 8 bits); 0 keeps H x W, but pads 28x28 digits to 32x32."""
+    if dataset not in ("cifar10", *IDX_FILES) and not dataset.endswith((".npz", ".npy")):
+        raise SystemExit(f"error: unknown --dataset={dataset}; use cifar10, mnist, fashion-mnist or {array_format}")
+    x = torch.from_numpy(np.ascontiguousarray(read_cifar10(data_dir, split) if dataset == "cifar10" else
+                         read_idx_images(data_dir, dataset, split) if dataset in IDX_FILES else read_array_file(dataset, split)))
     if image_size > 0:
-        if image_size % 8:
-            raise SystemExit(f"error: --image_size={image_size}: the network needs sides divisible by 8 (8, 16, 24, 32)")
         x = F.adaptive_avg_pool2d(x.float(), image_size).round().to(torch.uint8)  # area averaging
     elif dataset in IDX_FILES:
         x = F.pad(x, (2, 2, 2, 2))  # the paper pads 28x28 digits with zeros so three 2x poolings give 4x4
+    if x.shape[2] % 8 or x.shape[3] % 8:
+        raise SystemExit(f"error: {dataset}: images of {x.shape[2]}x{x.shape[3]} pixels; the network needs sides divisible"
+                         f" by 8: pad or crop them, or pass --image_size (8, 16, 24, 32, ...)")
     return x
 
+def images_to_float(x):  # uint8 in {0..255} -> float in [0, 1]
+    return x.float() / 255.0  # no centring or dequantization, as in the paper
 
-def images_to_float(x):
-    """uint8 in {0..255} -> float in [0, 1]. No centring or dequantization, as in the paper."""
-    return x.float() / 255.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Model: a ResNet energy with ELU (smooth: the loss differentiates through grad_x E, which ReLU
-# would make piecewise constant), no normalization layers, and a quadratic scalar head.
-# ---------------------------------------------------------------------------------------------
+# ==== Model: a ResNet energy with smooth ELUs (the loss differentiates grad_x E), no normalization ====
 class ResBlock(nn.Module):
     """Pre-activation block: out = shortcut(x) + conv2(elu(conv1(elu(x)))), optional 2x mean-pool."""
-
     def __init__(self, c_in, c_out, down):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_in, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1)  # learned 1x1 shortcut in every block
         self.down = down
-
     def forward(self, x):
         h = self.conv2(F.elu(self.conv1(F.elu(x))))
         if self.down:  # conv then pool on the residual path; pool then 1x1 conv on the shortcut
             return F.avg_pool2d(h, 2) + self.shortcut(F.avg_pool2d(x, 2))
         return h + self.shortcut(x)
 
-
 class EnergyNet(nn.Module):
-    """E(x): (B, C, H, W) -> (B,). CIFAR-10: EnergyNet(3, 128, 3), 62M parameters, 6.6 GFLOP/image."""
-
+    """E(x): (B, C, H, W) -> (B,); CIFAR-10: EnergyNet(3, 128, 3), 62M parameters. image_size: H or [H, W]."""
     def __init__(self, in_channels=3, width=128, blocks_per_stage=3, image_size=32):
         super().__init__()
-        self.model_args = dict(in_channels=in_channels, width=width, blocks_per_stage=blocks_per_stage,
-                               image_size=image_size)
+        self.model_args = dict(in_channels=in_channels, width=width, blocks_per_stage=blocks_per_stage, image_size=image_size)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
         blocks, c = [], width
         for c_out in (2 * width, 4 * width, 8 * width):  # 32x32 -> 16x16 -> 8x8 -> 4x4
@@ -237,88 +172,55 @@ class EnergyNet(nn.Module):
             blocks += [ResBlock(c_out, c_out, down=False) for _ in range(blocks_per_stage - 1)]
             c = c_out
         self.blocks = nn.Sequential(*blocks)
-        n_features = c * (image_size // 8) ** 2  # 1024 * 4 * 4 = 16384 for CIFAR-10
+        n_features = c * (h // 8) * (w // 8)  # 1024 * 4 * 4 = 16384 for CIFAR-10
         self.lin1, self.lin2, self.lin3 = (nn.Linear(n_features, 1) for _ in range(3))
-
     def forward(self, x):
         h = self.blocks(self.conv_in(x)).flatten(1)  # (B, 8*width*(H/8)*(W/8)); no activation before the head, as coded
         with torch.autocast(x.device.type, enabled=False):  # the head and its output stay fp32
             h = h.float()
-            # "quadratic neuron": E = (w1.h + b1)(w2.h + b2) + w3.(h*h) + b3
+            # "quadratic neuron": E = (w1.h + b1)(w2.h + b2) + w3.(h*h) + b3. The constant b3 (lin3.bias)
+            # drops out of grad_x E, so it never gets a gradient; b1 and b2 do, through the product.
             energy = self.lin1(h) * self.lin2(h) + self.lin3(h * h)
         return energy.squeeze(1)  # (B,)
 
-
-# ---------------------------------------------------------------------------------------------
-# Loss: MDSM as the authors coded it.
-# ---------------------------------------------------------------------------------------------
+# ==== Loss: MDSM as the authors coded it ====
 def noise_levels(batch_size, sigma_min, sigma_max, spacing="linear", device="cpu"):
     """One sigma per batch slot, stratified over [sigma_min, sigma_max] (shuffled data pairs them)."""
-    if spacing == "log":
+    if spacing == "log":  # the paper's Fashion-MNIST setting
         return torch.logspace(np.log10(sigma_min), np.log10(sigma_max), batch_size, device=device)
     return torch.linspace(sigma_min, sigma_max, batch_size, device=device)
 
-
-def mdsm_residual(x, sigmas, eps, grad_energy, sigma0):
-    """Per-sample MDSM loss from grad_x E evaluated at x~ = x + sigma * eps.
-
-    The paper's objective, weighted by 1/sigma^2 as in the authors' code:
-        L = E_{x, sigma, eps} || x - x~ + sigma0^2 grad E(x~) ||^2 / (sigma^2 sigma0^4)
-    Its minimizer is sigma0^2 grad E(x~) = x~ - E[x | x~] for every sigma (Tweedie).
-    """
-    s = sigmas.view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
-    # x - x~ + sigma0^2 grad E(x~) = -sigma * eps + sigma0^2 grad E(x~)
-    r = sigma0**2 * grad_energy.to(eps.dtype) - s * eps  # (B, C, H, W), fp32 even under autocast
-    return r.pow(2).flatten(1).sum(1) / (sigmas**2 * sigma0**4)  # (B,)
-
-
 def mdsm_loss(model, x, sigmas, eps, sigma0):
-    """Eager reference: E(x~), then grad_x E with create_graph=True so the loss can be
-    differentiated again with respect to the weights (double backprop)."""
-    x_noisy = (x + sigmas.view(-1, 1, 1, 1) * eps).requires_grad_(True)  # x~ = x + sigma*eps
-    energy = model(x_noisy)  # (B,)
-    (grad_energy,) = torch.autograd.grad(energy.sum(), x_noisy, create_graph=True)  # (B, C, H, W)
-    return mdsm_residual(x, sigmas, eps, grad_energy, sigma0).mean()
+    """Batch mean of the per-sample loss; grad_x E keeps its graph for the weights' gradient (double backprop)."""
+    s = sigmas.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_noisy = (x + s * eps).requires_grad_(True)  # x~ = x + sigma*eps
+    (grad_energy,) = torch.autograd.grad(model(x_noisy).sum(), x_noisy, create_graph=True)  # (B, C, H, W)
+    # eq. 10 with the code's 1/sigma^2: ||x - x~ + sigma0^2 grad E(x~)||^2 / (sigma^2 sigma0^4), x - x~ = -sigma eps
+    r = sigma0**2 * grad_energy.to(eps.dtype) - s * eps  # (B, C, H, W), fp32 even under autocast
+    return (r.pow(2).flatten(1).sum(1) / (sigmas**2 * sigma0**4)).mean()
 
-
-def make_functional_loss(model, sigma0):
-    """The same loss written with torch.func, the form torch.compile can trace: grad_x E comes
-    from func.grad inside the function and the caller runs one ordinary .backward()."""
-
-    def loss_fn(params, x, sigmas, eps):
-        def total_energy(x_noisy):
-            return torch.func.functional_call(model, params, (x_noisy,)).sum()
-
-        x_noisy = x + sigmas.view(-1, 1, 1, 1) * eps
-        grad_energy = torch.func.grad(total_energy)(x_noisy)
-        return mdsm_residual(x, sigmas, eps, grad_energy, sigma0).mean()
-
-    return loss_fn
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: one dict, written atomically, refused with a clear message when it does not fit.
-# ---------------------------------------------------------------------------------------------
+# ==== Checkpoints: one dict, written atomically, refused with a clear message when it does not fit ====
 def make_checkpoint(model, config, step=0, optimizer=None, scheduler=None, ema=None, kind="mdsm-energy", **extra):
-    """Everything needed to resume or sample; weights come from the uncompiled model."""
+    """Everything needed to resume or sample (model_args rebuild the net, config holds every knob)."""
     ckpt = {"kind": kind, "model_args": dict(model.model_args), "config": dict(config), "step": step,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        ckpt["scheduler"] = scheduler.state_dict()
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    ckpt.update({name: part.state_dict() for name, part in (("optimizer", optimizer), ("scheduler", scheduler)) if part})
     if ema is not None:
         ckpt["ema"] = {k: v.detach().cpu() for k, v in ema.items()}
-    ckpt.update(extra)
     return ckpt
 
-
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken ckpt.pt."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
+    """Atomic: a temporary file renamed over `path`; a failed write keeps the old one and removes the partial file."""
+    tmp, folder = path + ".tmp", os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError "unexpected pos ..."
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written yet"
+        raise SystemExit(f"error: could not write {path} ({e}; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free "
+                         f"there); {kept}. Free some space or pass another --out_dir, then --resume") from None
 
 def load_checkpoint(path, kind="mdsm-energy", map_location="cpu"):
     if not os.path.isfile(path):
@@ -326,232 +228,190 @@ def load_checkpoint(path, kind="mdsm-energy", map_location="cpu"):
     try:  # weights_only: plain tensors and Python containers, no arbitrary code
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); it may be truncated "
-                         f"or written by another program: pass another file") from None
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): truncated or foreign") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
         raise SystemExit(f"error: {path} is not a checkpoint of this repository (no 'kind'/'model' entries)")
     if ckpt["kind"] != kind:
-        raise SystemExit(f"error: {path} holds a '{ckpt['kind']}' checkpoint, but this needs '{kind}' "
-                         f"(03_mdsm_train.py writes mdsm-energy, 05_dual_score.py writes dual-score)")
+        raise SystemExit(f"error: {path} holds a '{ckpt['kind']}' checkpoint, but this needs '{kind}' (03 or 05's)")
     return ckpt
-
 
 def load_model(path, device="cpu", use_ema=False):
     """EnergyNet from a checkpoint, in eval mode: (model, ckpt)."""
     ckpt = load_checkpoint(path)
-    model = EnergyNet(**ckpt["model_args"])
-    weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError:
-        raise SystemExit(f"error: the weights in {path} do not fit EnergyNet({ckpt['model_args']})") from None
+    args, ints = ckpt.get("model_args"), ("in_channels", "width", "blocks_per_stage")
+    try:  # a hand-edited model_args (a key added or lost, a wrong type) gets one line, not a traceback
+        if not isinstance(args, dict) or set(args) != {*ints, "image_size"} or any(type(args[k]) is not int for k in ints):
+            raise TypeError
+        model = EnergyNet(**args)
+        model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    except (TypeError, ValueError, RuntimeError):
+        raise SystemExit(f"error: {path} has model_args {args}, which do not build its weights; expected integers "
+                         f"in_channels, width, blocks_per_stage and image_size (or [height, width])") from None
     return model.to(device).eval(), ckpt
 
+# ==== Training ====
+def check_config(c):
+    """Every knob against its allowed range before any work: one line names the first one outside it."""
+    rules = {k: (getattr(c, k) >= 1, ">= 1") for k in "BATCH_SIZE STEPS LOG_EVERY GRID_EVERY CKPT_EVERY BENCH_STEPS".split()}
+    rules.update(LR=(c.LR > 0, "> 0"), LR_MIN=(0 <= c.LR_MIN <= c.LR, "0 to --lr"), BETA1=(0 <= c.BETA1 < 1, "[0, 1)"),
+                 BETA2=(0 <= c.BETA2 < 1, "[0, 1)"), EMA_DECAY=(0 <= c.EMA_DECAY < 1, "[0, 1)"), SEED=(c.SEED >= 0, ">= 0"),
+                 WIDTH=(c.WIDTH >= 0, ">= 0"), BLOCKS_PER_STAGE=(c.BLOCKS_PER_STAGE >= 0, ">= 0"), SIGMA0=(c.SIGMA0 > 0, "> 0"),
+                 IMAGE_SIZE=(c.IMAGE_SIZE >= 0 and c.IMAGE_SIZE % 8 == 0, "0, 8, 16, 24, ..."), BENCH_TOL=(c.BENCH_TOL > 0, "> 0"),
+                 SIGMA_MIN=(0 < c.SIGMA_MIN <= c.SIGMA_MAX, "(0, --sigma_max]"), CKPT_MINUTES=(c.CKPT_MINUTES > 0, "> 0"),
+                 SIGMA_SPACING=(c.SIGMA_SPACING in ("linear", "log"), "linear, log"),
+                 PRECISION=(c.PRECISION in ("fp32", "tf32", "bf16"), "fp32, tf32, bf16"))
+    for knob, (ok, allowed) in rules.items():
+        if not ok:
+            raise SystemExit(f"error: --{knob.lower()}={getattr(c, knob)} is out of range; allowed: {allowed}")
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-def resolve_defaults(cfg, channels):
-    """Fill the 0 = 'paper default' knobs from the data; apply --smoke."""
-    if cfg.SMOKE:
-        cfg.WIDTH, cfg.BLOCKS_PER_STAGE, cfg.BATCH_SIZE, cfg.STEPS = 8, 1, 16, 20
-        cfg.LOG_EVERY, cfg.GRID_EVERY, cfg.CKPT_EVERY, cfg.BENCH_STEPS = 5, 10, 10, 3
-    cfg.WIDTH = cfg.WIDTH or (128 if channels == 3 else 64)
-    cfg.BLOCKS_PER_STAGE = cfg.BLOCKS_PER_STAGE or (3 if channels == 3 else 2)
-    if cfg.PRECISION not in ("auto", "fp32", "bf16") or cfg.SIGMA_SPACING not in ("linear", "log"):
-        raise SystemExit("error: --precision is auto|fp32|bf16 and --sigma_spacing is linear|log")
-    return cfg
+def cosine_lr(step, lr, lr_min, steps):  # the authors' CosineAnnealingLR(T_max=steps, eta_min=lr_min), closed form
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * step / steps)) / 2
 
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * w for every tensor of the state dict, in one fused call."""
+    torch._foreach_lerp_(list(ema.values()), list(model.state_dict().values()), 1 - decay)
 
-def epoch_order(seed, epoch, n, device):
-    """The shuffled order of one epoch, a function of (seed, epoch) only: a resumed run sees the
-    same batches. Drawn on the CPU (same on every device), moved to the device once per epoch."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).to(device)
+def resume(cfg, path, model, opt, ema, noise_gen):
+    """Load `path` into this run; returns its step. State goes to the model's device and layout (CPU <-> CUDA)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("model_args") != model.model_args or ckpt["step"] >= cfg.STEPS:
+        raise SystemExit(f"error: {path} holds step {ckpt['step']} of {ckpt.get('model_args')}, this run {model.model_args} to "
+                         f"--steps={cfg.STEPS}: pass the same --width/--blocks_per_stage/--dataset/--image_size, more --steps")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    for p, state in opt.state.items():
+        state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape})
+    opt.param_groups[0]["betas"] = (cfg.BETA1, cfg.BETA2)  # a new --beta1/--beta2 applies too (one param group)
+    for k, v in (ckpt.get("ema", {}) if ema is not None else {}).items():
+        ema[k].copy_(v)
+    noise_gen.set_state(ckpt["noise_rng"])
+    changed = [f"{k.lower()} {ckpt['config'].get(k)} -> {getattr(cfg, k)}" for k in "LR LR_MIN STEPS BETA1 BETA2".split()
+               if ckpt["config"].get(k) != getattr(cfg, k)]
+    if changed:  # the lr is a function of (step, lr, lr_min, steps): the new schedule continues at this step
+        print(f"note: from step {ckpt['step']} on, {', '.join(changed)}: the cosine schedule is the new one's", flush=True)
+    print(f"resumed at step {ckpt['step']} from {path}", flush=True)
+    return ckpt["step"]
 
-
-def denoise_grid(model, x, sigma0, path, device):
-    """Rows: clean, then noisy / one-step denoised x~ - sigma0^2 grad E(x~) at sigma 0.1, 0.3, 0.6, 1.0."""
-    g = torch.Generator(device=device).manual_seed(1)
-    rows = [x]
+def denoise_grid(model, x, sigma0, path):
+    """Rows: clean, then noisy x~ / one-step denoised x~ - sigma0^2 grad E(x~) at sigma 0.1, 0.3, 0.6, 1.0."""
+    g, rows = torch.Generator().manual_seed(1), [x]
     for sigma in (0.1, 0.3, 0.6, 1.0):
-        x_noisy = (x + sigma * torch.randn(x.shape, generator=g, device=device)).requires_grad_(True)
+        x_noisy = (x + sigma * torch.randn(x.shape, generator=g).to(x.device)).requires_grad_(True)
         (grad,) = torch.autograd.grad(model(x_noisy).sum(), x_noisy)
         rows += [x_noisy.detach(), (x_noisy - sigma0**2 * grad).detach()]
     save_image_grid(torch.cat(rows), path, nrow=len(x))
-
+    return torch.cat(rows)  # (9 n, C, H, W)
 
 def train(cfg, data, device):
-    """The training loop. data: uint8 (N, C, H, W) already on `device`."""
+    """The training loop. data: uint8 (N, C, H, W) on `device`."""
     n, c, h, w = data.shape
-    model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h).to(device)
-    use_bf16 = cfg.PRECISION == "bf16" or (cfg.PRECISION == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2),
-                           fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.STEPS, eta_min=cfg.LR_MIN)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h if h == w else [h, w]).to(device, memory_format=fmt)
+    # fp32: true fp32 (TF32 off), the authors' arithmetic; tf32: TF32 products on CUDA; bf16: autocast the trunk
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.PRECISION == "tf32"
+    torch.backends.cudnn.benchmark, use_bf16 = device.type == "cuda", cfg.PRECISION == "bf16"  # cuDNN: fastest kernels
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), fused=device.type == "cuda")
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.EMA_DECAY > 0 else None
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.SEED)
+    noise_gen = torch.Generator().manual_seed(cfg.SEED)  # on the CPU: the same noise on every device
     ckpt_path, start = os.path.join(cfg.OUT_DIR, "ckpt.pt"), 0
     if cfg.RESUME:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["model_args"] != model.model_args:
-            raise SystemExit(f"error: {ckpt_path} is a {ckpt['model_args']} model but this run builds "
-                             f"{model.model_args}; pass the same --width/--blocks_per_stage/--dataset")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        ema = {k: v.to(device) for k, v in ckpt["ema"].items()} if "ema" in ckpt else ema
-        noise_gen.set_state(ckpt["noise_rng"].to(noise_gen.get_state().device))
-        start = ckpt["step"]
-        print(f"resumed at step {start} from {ckpt_path}", flush=True)
+        start = resume(cfg, ckpt_path, model, opt, ema, noise_gen)
     elif os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, or choose "
-                         f"another --out_dir (nothing was overwritten)")
-    print(f"EnergyNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{'bf16' if use_bf16 else 'fp32'} on {device}", flush=True)
-
-    loss_fn = torch.compile(make_functional_loss(model, cfg.SIGMA0)) if cfg.COMPILE else None
+        raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, or another --out_dir")
+    print(f"EnergyNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.PRECISION} on {device}")
     sigmas = noise_levels(cfg.BATCH_SIZE, cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.SIGMA_SPACING, device)  # (B,)
-    fixed = images_to_float(data[:8])  # the same 8 images in every progress grid
-    window = torch.zeros((), device=device)  # running loss sum: no host sync per step
-    t0, t_window, window_start = time.time(), time.time(), start
-
-    def save(step):
-        save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, sched, ema,
-                                        noise_rng=noise_gen.get_state()), ckpt_path)
-
-    per_epoch, order = n // cfg.BATCH_SIZE, None
+    window, history = torch.zeros((), device=device), []  # running loss sum (no host sync per step); past means
+    t0 = t_window = t_saved = time.time()
+    window_start, per_epoch, order = start, n // cfg.BATCH_SIZE, None
     for step in range(start + 1, cfg.STEPS + 1):
-        epoch, k = divmod(step - 1, per_epoch)
-        if order is None or k == 0:
-            order = epoch_order(cfg.SEED, epoch, n, device)
-        x = images_to_float(data[order[k * cfg.BATCH_SIZE:(k + 1) * cfg.BATCH_SIZE]])  # (B, C, H, W) in [0, 1]
-        eps = torch.randn(x.shape, generator=noise_gen, device=device)
-        if device.type == "cuda":
-            x, eps = x.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
+        epoch, batch_in_epoch = divmod(step - 1, per_epoch)
+        if order is None or batch_in_epoch == 0:
+            g = torch.Generator().manual_seed(cfg.SEED * 100_003 + epoch)  # a function of (seed, epoch) alone:
+            order = torch.randperm(n, generator=g).to(device)  # a resumed run sees the same batches
+        batch = order[batch_in_epoch * cfg.BATCH_SIZE:(batch_in_epoch + 1) * cfg.BATCH_SIZE]
+        x = images_to_float(data[batch]).contiguous(memory_format=fmt)  # (B, C, H, W) in [0, 1]
+        eps = torch.randn(x.shape, generator=noise_gen).to(device, memory_format=fmt)  # drawn on the CPU
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if loss_fn is not None:
-                loss = loss_fn(dict(model.named_parameters()), x, sigmas, eps)
-            else:
-                loss = mdsm_loss(model, x, sigmas, eps, cfg.SIGMA0)
+            loss = mdsm_loss(model, x, sigmas, eps, cfg.SIGMA0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:  # cosine decay, stepped every iteration
+            group["lr"] = cosine_lr(step - 1, cfg.LR, cfg.LR_MIN, cfg.STEPS)
         opt.step()
-        sched.step()  # cosine decay, stepped every iteration
         if ema is not None:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    ema[k].lerp_(v, 1 - cfg.EMA_DECAY) if v.is_floating_point() else ema[k].copy_(v)
+            ema_update(ema, model, cfg.EMA_DECAY)
         window += loss.detach()
         progress(step - start, cfg.STEPS - start, t0)  # time left counts only this session's steps
-
-        if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS or step % cfg.CKPT_EVERY == 0:
-            mean_loss = window.item() / (step - window_start)  # the one host sync, every LOG_EVERY steps
-            finite = np.isfinite(mean_loss) and all(torch.isfinite(p).all() for p in model.parameters())
-            if not finite:
-                kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else \
-                    "no checkpoint had been written yet"
-                raise SystemExit(f"error: the loss became {mean_loss} between steps {window_start} and {step}; "
-                                 f"stopped without saving, {kept}. Try a lower --lr or --precision=fp32")
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                e_data = model(x).float().mean().item()  # the authors' monitors: E of clean data
-                e_noise = model(torch.rand_like(x)).float().mean().item()  # and of U[0,1] noise images
-            rate = (step - window_start) / (time.time() - t_window)
+        checked = step % cfg.LOG_EVERY == 0 or step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS
+        if checked:  # the mean loss and the weights' norm, with one host sync per check
+            norm = sum(torch._foreach_norm([p.detach() for p in model.parameters()]))  # a NaN anywhere shows in it
+            mean_loss, weight_norm = torch.stack([window / (step - window_start), norm]).tolist()
+            normalized, rate = mean_loss * cfg.SIGMA0**4, (step - window_start) / (time.time() - t_window)
+            median = float(np.median([past for _, past, _ in history])) if history else math.inf
+            # an untrained net sits near 1 per dimension: far above that, or 100x the median so far, is divergence
+            if not math.isfinite(normalized + weight_norm) or normalized > 1000 * c * h * w or normalized > 100 * median:
+                kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "none was saved"
+                raise SystemExit(f"error: the normalized loss became {normalized:.3g} (median so far {median:.3g}) by step "
+                                 f"{step}; stopped, {kept}. Continue with a lower lr: --resume --lr={cfg.LR / 10:.1e}")
+            history.append((step, normalized, rate))
             if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS:
-                log_line(step, {"loss": mean_loss, "normalized": mean_loss * cfg.SIGMA0**4, "E(data)": e_data,
-                                "E(noise)": e_noise, "lr": sched.get_last_lr()[0], "it/s": rate,
-                                "img/s": rate * cfg.BATCH_SIZE})
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    e_data = model(x).float().mean().item()  # the authors' monitors: E of clean data
+                    e_noise = model(torch.rand_like(x)).float().mean().item()  # and of U[0,1] noise images
+                log_line(step, {"loss": mean_loss, "normalized": normalized, "E(data)": e_data, "E(noise)": e_noise,
+                                "lr": opt.param_groups[0]["lr"], "it/s": rate, "img/s": rate * cfg.BATCH_SIZE})
             window.zero_()
             t_window, window_start = time.time(), step
         if step % cfg.GRID_EVERY == 0 or step == cfg.STEPS:
-            denoise_grid(model, fixed, cfg.SIGMA0, os.path.join(cfg.OUT_DIR, f"denoise_{step:06d}.png"), device)
-        if step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS:
-            save(step)
+            denoise_grid(model, images_to_float(data[:8]), cfg.SIGMA0, os.path.join(cfg.OUT_DIR, f"denoise_{step:06d}.png"))
+        if step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS or checked and time.time() - t_saved > 60 * cfg.CKPT_MINUTES:
+            save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, ema=ema, noise_rng=noise_gen.get_state()), ckpt_path)
+            t_saved = time.time()
     print(f"done: {cfg.STEPS - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}", flush=True)
-    return model
+    return history  # (step, normalized loss, it/s) of every loss check
 
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: the same step in each precision/compile variant, timed after warm-up, with each
-# variant's parameter-gradient error against the fp32 eager reference on one fixed batch.
-# ---------------------------------------------------------------------------------------------
-def param_grads(model, loss):
-    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)  # the head's bias b1*b2 term is used
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                      for g, p in zip(grads, model.parameters())])
-
-
+# ==== Benchmark: each precision trains BENCH_STEPS steps from the same start, data and noise (same seed) ====
 def benchmark(cfg, data, device):
-    n, c, h, w = data.shape
-    model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h).to(device)
-    sigmas = noise_levels(cfg.BATCH_SIZE, cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.SIGMA_SPACING, device)
-    x = images_to_float(data[:cfg.BATCH_SIZE]).to(device)
-    eps = torch.randn(x.shape, generator=torch.Generator(device=device).manual_seed(0), device=device)
-    ref = param_grads(model, mdsm_loss(model, x, sigmas, eps, cfg.SIGMA0))  # fp32 eager reference
-    functional = make_functional_loss(model, cfg.SIGMA0)
-    variants = [("fp32 eager", False, False, None), ("bf16 eager", True, False, None)]
-    if device.type == "cuda":
-        variants = [("fp32 eager", False, False, None), ("bf16+channels_last eager", True, True, None),
-                    ("bf16+channels_last compiled", True, True, torch.compile(functional))]
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    print(f"benchmark: EnergyNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"batch {cfg.BATCH_SIZE}, {cfg.BENCH_STEPS} timed steps per variant, {device}", flush=True)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    for name, bf16, channels_last, compiled in variants:
-        model.load_state_dict(initial)  # every variant starts from the reference weights
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), fused=device.type == "cuda")
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model.to(memory_format=fmt)
-        xb, eb = x.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
-
-        def step_loss():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                if compiled is not None:
-                    return compiled(dict(model.named_parameters()), xb, sigmas, eb)
-                return mdsm_loss(model, xb, sigmas, eb, cfg.SIGMA0)
-
-        grad = param_grads(model, step_loss())  # same weights as the reference: compare before any step
-        err = ((grad - ref).norm() / ref.norm()).item()
-        for i in range(3 + cfg.BENCH_STEPS):
-            if i == 3:  # after warm-up (and compilation)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t = time.time()
-            opt.zero_grad(set_to_none=True)
-            step_loss().backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.time() - t) / cfg.BENCH_STEPS * 1000
-        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-        print(f"{name:<30} {ms:8.1f} ms/step | {cfg.BATCH_SIZE / ms * 1000:8.0f} img/s | peak {mem} | "
-              f"grad rel. error vs fp32 {err:.2e} | {cfg.STEPS} steps = {ms * cfg.STEPS / 3.6e6:.2f} h",
-              flush=True)
-    return model
-
+    runs = {}  # precision -> (checks, 3): step, normalized loss, it/s
+    for precision in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16"):
+        with tempfile.TemporaryDirectory() as out:
+            set_seed(cfg.SEED)  # the same initial weights for every precision
+            run = type(cfg)(**{**vars(cfg), "PRECISION": precision, "OUT_DIR": out, "STEPS": cfg.BENCH_STEPS,
+                               "LOG_EVERY": max(1, cfg.BENCH_STEPS // 10), "GRID_EVERY": 10**9, "RESUME": False})
+            runs[precision] = trajectory = np.array(train(run, data, device))
+        stray = np.abs(trajectory[:, 1] / runs["fp32"][:, 1] - 1).max()  # the loss trajectory against fp32's
+        print(f"benchmark {precision}: {1000 / trajectory[-1, 2]:.1f} ms/step | loss trajectory differs from fp32's by up"
+              f" to {stray:.1e} (relative): " + ("ok" if stray <= cfg.BENCH_TOL else "REFUSED, beyond --bench_tol"), flush=True)
+    return runs
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(globals(), argv)
+    if cfg.SMOKE:  # tiny values for the knobs not passed on the command line: passed ones win
+        passed = {a[2:].split("=")[0].upper() for a in argv if a.startswith("--")}
+        tiny = dict(WIDTH=8, BLOCKS_PER_STAGE=1, BATCH_SIZE=16, STEPS=20, LOG_EVERY=5, GRID_EVERY=10, CKPT_EVERY=10,
+                    BENCH_STEPS=3)
+        vars(cfg).update({k: v for k, v in tiny.items() if k not in passed})
+        print("smoke: " + " ".join(f"{k.lower()}={getattr(cfg, k)}" + (" (yours)" if k in passed else "") for k in tiny))
+    check_config(cfg)
     device = pick_device(cfg.DEVICE)
+    try:  # fail in a second, not after hours of training, if the checkpoint cannot be written
+        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.OUT_DIR).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir={cfg.OUT_DIR} is not writable ({e.strerror or e}); pass another one") from None
     set_seed(cfg.SEED)
     data = load_images(cfg.DATASET, cfg.DATA_DIR, "train", cfg.IMAGE_SIZE)  # uint8 (N, C, H, W)
-    cfg = resolve_defaults(cfg, data.shape[1])
+    cfg.WIDTH = cfg.WIDTH or (128 if data.shape[1] == 3 else 64)  # the paper's widths and depths
+    cfg.BLOCKS_PER_STAGE = cfg.BLOCKS_PER_STAGE or (3 if data.shape[1] == 3 else 2)
     if len(data) < cfg.BATCH_SIZE:
         raise SystemExit(f"error: {cfg.DATASET} has {len(data)} images, fewer than --batch_size={cfg.BATCH_SIZE}")
-    print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}")
-    if device.type == "cpu" and cfg.WIDTH >= 64 and not cfg.BENCHMARK:
-        print("note: this is the paper-size model, meant for a GPU (the CIFAR-10 one takes 2.4 s per step at "
-              "batch 8 on a 2-core CPU). "
-              "For a CPU run try: --dataset=mnist --width=16 --blocks_per_stage=1 --batch_size=64 --steps=3000 "
-              "--lr=5e-4 --lr_min=1e-5", flush=True)
+    print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}" + (
+        "\nnote: the paper-size model is meant for a GPU; for a CPU run see the first command in the docstring"
+        if device.type == "cpu" and cfg.WIDTH >= 64 else ""))
     data = data.to(device)  # 150 MiB for CIFAR-10: batches are then drawn without host copies
-    if cfg.BENCHMARK:
-        return benchmark(cfg, data, device)
-    return train(cfg, data, device)
+    return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device)
 
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====

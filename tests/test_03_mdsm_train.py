@@ -87,8 +87,18 @@ def test_sigma_layout_schedule_and_optimizer_follow_the_spec(tmp_path):
     assert 61e6 < sum(p.numel() for p in net.parameters()) < 63e6  # "about 62 M parameters"
     ckpt = run_tiny(tmp_path, ["--steps=8"])
     group = ckpt["optimizer"]["param_groups"][0]
-    assert group["betas"] == (0.9, 0.95) and group["initial_lr"] == 5e-5
-    assert ckpt["scheduler"]["last_epoch"] == 8 and group["lr"] == pytest.approx(1e-6)  # cosine end
+    assert group["betas"] == (0.9, 0.95) and group["lr"] == pytest.approx(m.cosine_lr(7, 5e-5, 1e-6, 8))
+
+
+def test_cosine_lr_equals_the_authors_scheduler():
+    # The authors step CosineAnnealingLR(T_max=STEPS, eta_min=LR_MIN) after every Adam step; step s
+    # (1-based) runs at the lr after s - 1 scheduler steps, which is what train() sets.
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000, eta_min=1e-6)
+    for i in range(1001):
+        assert m.cosine_lr(i, 5e-5, 1e-6, 1000) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), i
+        opt.step()
+        sched.step()
 
 
 # ---- loaders on tiny files in the official formats ------------------------------------------
@@ -216,7 +226,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
 
 def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path):
     run_tiny(tmp_path, ["--steps=3"])
-    with pytest.raises(SystemExit, match="is a .*width.: 4.*pass the same --width"):
+    with pytest.raises(SystemExit, match="width.: 4.*pass the same --width"):
         run_tiny(tmp_path, ["--steps=3", "--width=8", "--resume"])
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage")
@@ -232,30 +242,104 @@ def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path):
         m.load_model(str(tmp_path / "missing.pt"))
     model, ckpt = m.load_model(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["step"] == 3 and model(torch.rand(2, 1, 32, 32)).shape == (2,)
-    assert "ckpt.pt.tmp" not in os.listdir(tmp_path / "run")  # the atomic write left no temp file
+    # (the atomic write is tested by a save that fails halfway: test_03_bad_input.py)
 
 
 # ---- fast paths against the fp32 eager reference ---------------------------------------------
-def test_functional_and_bf16_paths_match_the_fp32_reference():
+def param_grads(model, loss):
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)  # lin3.bias: None
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                      for g, p in zip(grads, model.parameters())])
+
+
+def test_bf16_path_matches_the_fp32_reference():
     torch.manual_seed(0)
     model = m.EnergyNet(3, 8, 1)
     x = torch.rand(16, 3, 32, 32)
     eps = torch.randn_like(x)
     sigmas = m.noise_levels(16, 0.05, 1.2)
-    ref = m.param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
-    functional = m.make_functional_loss(model, SIGMA0)
-    g = m.param_grads(model, functional(dict(model.named_parameters()), x, sigmas, eps))
-    assert ((g - ref).norm() / ref.norm()).item() < 1e-5
+    ref = param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        g16 = m.param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
+        g16 = param_grads(model, m.mdsm_loss(model, x, sigmas, eps, SIGMA0))
     assert ((g16 - ref).norm() / ref.norm()).item() < 0.05
 
 
-def test_smoke_run_writes_grid_and_benchmark_prints_every_variant(tmp_path, capsys):
+def test_smoke_run_writes_grid_and_ema(tmp_path):
     run_tiny(tmp_path, ["--steps=4", "--grid_every=2", "--ema_decay=0.9"])
     assert (tmp_path / "run" / "denoise_000004.png").exists()
     ckpt = m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert set(ckpt["ema"]) == set(ckpt["model"])
-    m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu"])
+
+
+# ---- the science behind what the run prints and draws (issue 14) ------------------------------
+def test_ema_follows_its_rule_exactly():
+    torch.manual_seed(0)
+    model = m.EnergyNet(1, 4, 1)
+    ema = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    expected = {k: 0.9 * ema[k] + 0.1 * v for k, v in model.state_dict().items()}  # ema <- d*ema + (1-d)*w
+    m.ema_update(ema, model, 0.9)
+    for k, v in expected.items():
+        assert torch.allclose(ema[k], v, rtol=1e-6, atol=1e-7), k
+
+
+def test_denoised_grid_row_is_one_tweedie_step_on_a_closed_form_energy(tmp_path):
+    # Quadratic energy: grad E = (x - mu) / a, so the denoised row is x~ - sigma0^2 (x~ - mu) / a
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    rows = m.denoise_grid(Quadratic(a=0.05), x, SIGMA0, str(tmp_path / "grid.png")).view(9, 4, 1, 8, 8)
+    assert torch.equal(rows[0], x) and (tmp_path / "grid.png").exists()
+    for i, sigma in enumerate((0.1, 0.3, 0.6, 1.0)):
+        noisy, denoised = rows[1 + 2 * i], rows[2 + 2 * i]
+        assert abs((noisy - x).std().item() / sigma - 1) < 0.15  # the noisy row's noise level
+        assert torch.allclose(denoised, noisy - SIGMA0**2 * (noisy - 0.3) / 0.05, atol=1e-6)
+
+
+def test_loss_pairs_each_batch_slot_with_its_own_sigma():
+    # per slot j: ||sigma0^2 grad E(x~_j) - sigma_j eps_j||^2 / (sigma_j^2 sigma0^4), then the batch mean
+    model = Quadratic(a=0.5).double()
+    g = torch.Generator().manual_seed(2)
+    x, eps = torch.rand(5, 1, 2, 3, generator=g, dtype=torch.float64), torch.randn(5, 1, 2, 3, generator=g, dtype=torch.float64)
+    sigmas = m.noise_levels(5, 0.05, 1.2).double()
+    x_noisy = x + sigmas.view(-1, 1, 1, 1) * eps
+    per_slot = (SIGMA0**2 * (x_noisy - 0.3) / 0.5 - sigmas.view(-1, 1, 1, 1) * eps).pow(2).sum((1, 2, 3))
+    expected = (per_slot / (sigmas**2 * SIGMA0**4)).mean()
+    assert torch.allclose(m.mdsm_loss(model, x, sigmas, eps, SIGMA0), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spacing", ["linear", "log"])
+def test_training_uses_the_sigma_layout_and_seeded_cpu_noise(tmp_path, monkeypatch, spacing):
+    seen, real_loss = [], m.mdsm_loss
+
+    def recording_loss(model, x, sigmas, eps, sigma0):
+        seen.append((sigmas.clone(), eps.clone()))
+        return real_loss(model, x, sigmas, eps, sigma0)
+
+    monkeypatch.setattr(m, "mdsm_loss", recording_loss)
+    run_tiny(tmp_path, ["--steps=2", f"--sigma_spacing={spacing}"])
+    expected = m.noise_levels(8, 0.05, 1.2, spacing)  # slot j always gets the j-th level
+    assert all(torch.equal(sigmas, expected) for sigmas, _ in seen)
+    g = torch.Generator().manual_seed(0)  # --seed=0: the noise of step 1, then of step 2, on any device
+    assert torch.equal(seen[0][1], torch.randn(8, 1, 32, 32, generator=g))
+    assert torch.equal(seen[1][1], torch.randn(8, 1, 32, 32, generator=g))
+
+
+def test_benchmark_compares_each_precision_with_fp32_from_the_same_start(tmp_path, capsys):
+    runs = m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu",
+                   "--bench_steps=4", f"--out_dir={tmp_path / 'bench'}"])
     out = capsys.readouterr().out
-    assert "fp32 eager" in out and "bf16 eager" in out and "grad rel. error vs fp32" in out
+    assert "benchmark fp32: " in out and "differs from fp32's by up to 0.0e+00 (relative): ok" in out
+    assert "benchmark bf16: " in out and set(runs) == {"fp32", "bf16"}
+    assert runs["fp32"][:, 1] == pytest.approx(runs["bf16"][:, 1], rel=0.05)  # same start, data and noise
+    stray = np.abs(runs["bf16"][:, 1] / runs["fp32"][:, 1] - 1).max()  # bf16 against fp32, not against itself
+    assert 0 < stray and "benchmark bf16: " in out and f"by up to {stray:.1e} (relative)" in out
+    assert not (tmp_path / "bench" / "ckpt.pt").exists()  # benchmark runs leave no checkpoint behind
+
+
+def test_fp32_means_true_fp32_and_tf32_is_an_opt_in(tmp_path):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        run_tiny(tmp_path, ["--steps=1"], out="fp32")  # the default precision
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        run_tiny(tmp_path, ["--steps=1", "--precision=tf32"], out="tf32")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

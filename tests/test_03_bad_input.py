@@ -1,0 +1,161 @@
+"""03, issue 16: bad knobs, bad files, edited checkpoints, resume with new values, interrupted and
+failing saves, diverging runs. Each case ends in one line naming the cause, never a traceback, and
+never costs the last good checkpoint. Tiny data in tmp_path, CPU, seconds."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_script
+from test_03_mdsm_train import run_tiny, tiny_dataset
+
+m = load_script("03_mdsm_train.py")
+
+
+@pytest.mark.parametrize("knob, value", [("batch_size", 0), ("batch_size", -3), ("steps", 0), ("steps", -5),
+                                         ("log_every", 0), ("grid_every", 0), ("ckpt_every", 0), ("lr", -1e-4),
+                                         ("lr", 0.0), ("width", -1), ("blocks_per_stage", -2), ("ema_decay", 1.0),
+                                         ("sigma_min", 2.0), ("sigma0", 0.0), ("image_size", 12), ("ckpt_minutes", 0.0),
+                                         ("precision", "fp16"), ("sigma_spacing", "cubic"), ("beta2", 1.0)])
+def test_every_knob_is_checked_before_any_work(tmp_path, knob, value):
+    # before any work: the data set does not even exist and out_dir is never created
+    with pytest.raises(SystemExit, match=rf"^error: --{knob}={value} is out of range; allowed: "):
+        m.main([f"--{knob}={value}", f"--dataset={tmp_path / 'none.npz'}", f"--out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_sets_only_the_knobs_you_did_not_pass(tmp_path, capsys):
+    ckpt = run_tiny(tmp_path, ["--smoke", "--steps=2"])  # run_tiny passes --width=4 --batch_size=8 ...
+    config = ckpt["config"]
+    assert (config["STEPS"], config["WIDTH"], config["BATCH_SIZE"], config["BLOCKS_PER_STAGE"]) == (2, 4, 8, 1)
+    assert "steps=2 (yours)" in capsys.readouterr().out
+    m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--steps=1", f"--out_dir={tmp_path / 'smoke'}"])
+    assert m.load_checkpoint(str(tmp_path / "smoke" / "ckpt.pt"))["config"]["WIDTH"] == 8  # not passed: smoke's
+
+
+def test_non_square_images_train_and_reload(tmp_path):
+    path = tmp_path / "wide.npz"
+    np.savez(path, x_train=np.random.default_rng(0).integers(0, 256, (16, 32, 64), dtype=np.uint8))
+    m.main([f"--dataset={path}", f"--out_dir={tmp_path / 'wide'}", "--width=4", "--blocks_per_stage=1",
+            "--batch_size=8", "--steps=2", "--device=cpu"])
+    model, ckpt = m.load_model(str(tmp_path / "wide" / "ckpt.pt"))
+    assert ckpt["model_args"]["image_size"] == [32, 64] and model(torch.rand(3, 1, 32, 64)).shape == (3,)
+
+
+def test_bad_array_files_get_one_line(tmp_path):
+    (tmp_path / "notes.npz").write_text("these are my images\n")
+    with pytest.raises(SystemExit, match=r"notes.npz is not a NumPy file .*np.savez"):
+        m.load_images(str(tmp_path / "notes.npz"))
+    with pytest.raises(SystemExit, match=r"missing.npz is not a NumPy file \(FileNotFoundError\)"):
+        m.load_images(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "chw.npz", x_train=np.zeros((5, 3, 16, 16), np.uint8))
+    with pytest.raises(SystemExit, match=r"with C = 1 or 3 \(for channels-first \(N, C, H, W\) save x.transpose\(0, 2, 3, 1\)\)"):
+        m.load_images(str(tmp_path / "chw.npz"))
+    np.savez(tmp_path / "odd.npz", x_train=np.zeros((5, 20, 20), np.uint8))
+    with pytest.raises(SystemExit, match="sides divisible by 8"):
+        m.load_images(str(tmp_path / "odd.npz"))
+    x = m.load_images(str(tmp_path / "odd.npz"), image_size=8)  # or let --image_size resize them
+    assert x.shape == (5, 1, 8, 8)
+
+
+@pytest.mark.parametrize("edit", [{"depth": 3}, {"width": None}, {"width": "4"}, {"image_size": "32"}])
+def test_edited_model_args_get_one_line(tmp_path, edit):
+    net = m.EnergyNet(1, 4, 1)
+    ckpt = m.make_checkpoint(net, {})
+    ckpt["model_args"].update(edit)
+    if edit.get("width", 0) is None:
+        del ckpt["model_args"]["width"]
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(SystemExit, match=r"has model_args .* which do not build its weights; expected integers"):
+        m.load_model(str(tmp_path / "edited.pt"))
+
+
+def test_resume_applies_a_new_lr_and_horizon(tmp_path, capsys):
+    run_tiny(tmp_path, ["--steps=4"])
+    capsys.readouterr()
+    run_tiny(tmp_path, ["--resume", "--steps=8", "--lr=1e-5"])
+    out = capsys.readouterr().out
+    assert "note: from step 4 on, lr 5e-05 -> 1e-05, steps 4 -> 8" in out
+    lrs = [float(line.split("| lr ")[1].split(" |")[0]) for line in out.splitlines() if line.startswith("step ")]
+    assert lrs == pytest.approx([m.cosine_lr(s - 1, 1e-5, 1e-6, 8) for s in range(5, 9)], rel=1e-3)
+    with pytest.raises(SystemExit, match="holds step 8 .*, more --steps"):
+        run_tiny(tmp_path, ["--resume", "--steps=8"])
+    ckpt = run_tiny(tmp_path, ["--resume", "--steps=9", "--lr=1e-5", "--beta2=0.99"])
+    assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+
+
+def test_the_nan_advice_works_lower_lr_and_resume(tmp_path, monkeypatch, capsys):
+    real_loss, calls = m.mdsm_loss, []
+
+    def loss_that_breaks_at_step_5(*args):
+        calls.append(1)
+        return real_loss(*args) * (float("nan") if len(calls) >= 5 else 1.0)
+
+    monkeypatch.setattr(m, "mdsm_loss", loss_that_breaks_at_step_5)
+    with pytest.raises(SystemExit, match=r"became nan .* by step 5; stopped, the last good .* --resume --lr=5.0e-06"):
+        run_tiny(tmp_path, [])
+    monkeypatch.setattr(m, "mdsm_loss", real_loss)
+    capsys.readouterr()
+    ckpt = run_tiny(tmp_path, ["--resume", "--lr=5e-6"])  # exactly what the message advises
+    assert "resumed at step 3" in capsys.readouterr().out and ckpt["step"] == 6
+
+
+@pytest.mark.parametrize("factor, first_call, kept", [(300.0, 5, 3), (1e4, 1, None)])
+def test_an_exploding_loss_stops_the_run_without_saving(tmp_path, monkeypatch, factor, first_call, kept):
+    # finite, not NaN, still divergence: 300x the median of the earlier checks, or (with no history yet)
+    # far above the ~1 per dimension of an untrained net
+    real_loss, calls = m.mdsm_loss, []
+
+    def loss_that_explodes(*args):
+        calls.append(1)
+        return real_loss(*args) * (factor if len(calls) >= first_call else 1.0)
+
+    monkeypatch.setattr(m, "mdsm_loss", loss_that_explodes)
+    with pytest.raises(SystemExit, match=rf"normalized loss became .* by step {first_call}; stopped"):
+        run_tiny(tmp_path, [])
+    path = tmp_path / "run" / "ckpt.pt"
+    assert (m.load_checkpoint(str(path))["step"] if kept else path.exists()) == (kept or False)  # nothing new saved
+
+
+def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
+    real_progress = m.progress
+
+    def interrupt_at_step_5(i, total, t0, note=""):
+        if i == 5:
+            raise KeyboardInterrupt
+        real_progress(i, total, t0, note)
+
+    monkeypatch.setattr(m, "progress", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):  # ckpt_every far away, but every check is past 1e-9 minutes
+        run_tiny(tmp_path, ["--ckpt_every=1000", "--ckpt_minutes=1e-9", "--log_every=2"])
+    assert m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 4
+
+
+def test_unwritable_out_dir_is_refused_before_loading_data(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out_dir=.*a_file/run is not writable"):
+        m.main([f"--dataset={tmp_path / 'none.npz'}", f"--out_dir={tmp_path / 'a_file' / 'run'}", "--device=cpu"])
+
+
+def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "run" / "ckpt.pt")
+    run_tiny(tmp_path, ["--steps=3"])
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def disk_full(obj, target):  # writes part of the file, then the disk is full
+        with open(target, "wb") as f:
+            f.write(before[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    newer = m.make_checkpoint(m.EnergyNet(1, 4, 1), {}, step=99)
+    with pytest.raises(SystemExit, match=r"could not write .*No space left on device.*previous checkpoint is kept"):
+        m.save_checkpoint(newer, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert open(path, "rb").read() == before and m.load_checkpoint(path)["step"] == 3
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "ckpt" in p.name) == ["ckpt.pt"]  # no partial file
+    with pytest.raises(SystemExit, match="could not write .*no checkpoint was written yet"):
+        monkeypatch.setattr(torch, "save", disk_full)
+        m.save_checkpoint(newer, str(tmp_path / "fresh" / "ckpt.pt"))
+    assert not list((tmp_path / "fresh").iterdir())
+    monkeypatch.setattr(torch, "save", real_save)
