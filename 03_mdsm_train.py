@@ -22,7 +22,7 @@ Commands (--out_dir gets ckpt.pt, all needed to resume, and denoise_*.png grids;
 import gzip, hashlib, math, os, pathlib, pickle, shutil, sys, tarfile, tempfile, time, urllib.request
 
 import numpy as np
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
 DATASET = "cifar10"          # cifar10 | mnist | fashion-mnist | path to .npz/.npy of uint8 images (N, H, W[, C])
@@ -303,7 +303,7 @@ def denoise_grid(model, x, sigma0, path):
     save_image_grid(torch.cat(rows), path, nrow=len(x))
     return torch.cat(rows)  # (9 n, C, H, W)
 
-def train(cfg, data, device):
+def train(cfg, data, device, rank=0, world=1):
     """The training loop. data: uint8 (N, C, H, W) on `device`."""
     n, c, h, w = data.shape
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -320,7 +320,8 @@ def train(cfg, data, device):
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, or another --out_dir")
     print(f"EnergyNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.PRECISION} on {device}")
-    sigmas = noise_levels(cfg.BATCH_SIZE, cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.SIGMA_SPACING, device)  # (B,)
+    mine = slice(rank * cfg.BATCH_SIZE // world, (rank + 1) * cfg.BATCH_SIZE // world)  # this rank's batch slots
+    sigmas = noise_levels(cfg.BATCH_SIZE, cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.SIGMA_SPACING, device)[mine]  # (B / world,)
     window, history = torch.zeros((), device=device), []  # running loss sum (no host sync per step); past means
     t0 = t_window = t_saved = time.time()
     window_start, per_epoch, order = start, n // cfg.BATCH_SIZE, None
@@ -330,23 +331,30 @@ def train(cfg, data, device):
             g = torch.Generator().manual_seed(cfg.SEED * 100_003 + epoch)  # a function of (seed, epoch) alone:
             order = torch.randperm(n, generator=g).to(device)  # a resumed run sees the same batches
         batch = order[batch_in_epoch * cfg.BATCH_SIZE:(batch_in_epoch + 1) * cfg.BATCH_SIZE]
-        x = images_to_float(data[batch]).contiguous(memory_format=fmt)  # (B, C, H, W) in [0, 1]
-        eps = torch.randn(x.shape, generator=noise_gen).to(device, memory_format=fmt)  # drawn on the CPU
+        x = images_to_float(data[batch[mine]]).contiguous(memory_format=fmt)  # (B / world, C, H, W) in [0, 1]
+        eps = torch.randn((cfg.BATCH_SIZE, c, h, w), generator=noise_gen)[mine].to(device, memory_format=fmt)  # global draw
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = mdsm_loss(model, x, sigmas, eps, cfg.SIGMA0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # data parallel by hand: the mean of the ranks' gradients = the global batch's gradient.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]  # lin3.bias: None on every rank
+            flat = torch.cat([g.flatten() for g in grads])  # (DDP would refuse that unused parameter)
+            dist.all_reduce(flat)
+            torch._foreach_copy_(grads, [f.view_as(g) / world for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         for group in opt.param_groups:  # cosine decay, stepped every iteration
             group["lr"] = cosine_lr(step - 1, cfg.LR, cfg.LR_MIN, cfg.STEPS)
         opt.step()
         if ema is not None:
             ema_update(ema, model, cfg.EMA_DECAY)
         window += loss.detach()
-        progress(step - start, cfg.STEPS - start, t0)  # time left counts only this session's steps
+        progress(step - start, cfg.STEPS - start, t0) if rank == 0 else None  # time left counts only this session's steps
         checked = step % cfg.LOG_EVERY == 0 or step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS
         if checked:  # the mean loss and the weights' norm, with one host sync per check
             norm = sum(torch._foreach_norm([p.detach() for p in model.parameters()]))  # a NaN anywhere shows in it
-            mean_loss, weight_norm = torch.stack([window / (step - window_start), norm]).tolist()
+            stats = torch.stack([window / (step - window_start), norm])
+            dist.all_reduce(stats) if world > 1 else None
+            mean_loss, weight_norm = (stats / world).tolist()
             normalized, rate = mean_loss * cfg.SIGMA0**4, (step - window_start) / (time.time() - t_window)
             median = float(np.median([past for _, past, _ in history])) if history else math.inf
             # an untrained net sits near 1 per dimension: far above that, or 100x the median so far, is divergence
@@ -355,7 +363,7 @@ def train(cfg, data, device):
                 raise SystemExit(f"error: the normalized loss became {normalized:.3g} (median so far {median:.3g}) by step "
                                  f"{step}; stopped, {kept}. Continue with a lower lr: --resume --lr={cfg.LR / 10:.1e}")
             history.append((step, normalized, rate))
-            if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS:
+            if rank == 0 and (step % cfg.LOG_EVERY == 0 or step == cfg.STEPS):
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     e_data = model(x).float().mean().item()  # the authors' monitors: E of clean data
                     e_noise = model(torch.rand_like(x)).float().mean().item()  # and of U[0,1] noise images
@@ -363,9 +371,9 @@ def train(cfg, data, device):
                                 "lr": opt.param_groups[0]["lr"], "it/s": rate, "img/s": rate * cfg.BATCH_SIZE})
             window.zero_()
             t_window, window_start = time.time(), step
-        if step % cfg.GRID_EVERY == 0 or step == cfg.STEPS:
+        if rank == 0 and (step % cfg.GRID_EVERY == 0 or step == cfg.STEPS):
             denoise_grid(model, images_to_float(data[:8]), cfg.SIGMA0, os.path.join(cfg.OUT_DIR, f"denoise_{step:06d}.png"))
-        if step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS or checked and time.time() - t_saved > 60 * cfg.CKPT_MINUTES:
+        if rank == 0 and (step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS or checked and time.time() - t_saved > 60 * cfg.CKPT_MINUTES):
             save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, ema=ema, noise_rng=noise_gen.get_state()), ckpt_path)
             t_saved = time.time()
     print(f"done: {cfg.STEPS - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}", flush=True)
@@ -396,13 +404,23 @@ def main(argv=None):
         print("smoke: " + " ".join(f"{k.lower()}={getattr(cfg, k)}" + (" (yours)" if k in passed else "") for k in tiny))
     check_config(cfg)
     device = pick_device(cfg.DEVICE)
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world > 1:  # under torchrun: NCCL between GPUs (one per process), gloo between CPU processes
+        if cfg.BATCH_SIZE % world:
+            raise SystemExit(f"error: --batch_size={cfg.BATCH_SIZE} does not split over {world} ranks")
+        device = torch.device("cuda", local_rank) if device.type == "cuda" else device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        sys.stdout = open(os.devnull, "w") if rank > 0 else sys.stdout  # rank 0 alone prints, saves, draws
     try:  # fail in a second, not after hours of training, if the checkpoint cannot be written
         os.makedirs(cfg.OUT_DIR, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.OUT_DIR).close()
     except OSError as e:
         raise SystemExit(f"error: --out_dir={cfg.OUT_DIR} is not writable ({e.strerror or e}); pass another one") from None
     set_seed(cfg.SEED)
-    data = load_images(cfg.DATASET, cfg.DATA_DIR, "train", cfg.IMAGE_SIZE)  # uint8 (N, C, H, W)
+    data = None
+    for turn in range(2 if world > 1 else 1):  # each node's first rank downloads and extracts, then the others read
+        data = load_images(cfg.DATASET, cfg.DATA_DIR, "train", cfg.IMAGE_SIZE) if turn == (local_rank > 0) else data
+        dist.barrier() if world > 1 else None
     cfg.WIDTH = cfg.WIDTH or (128 if data.shape[1] == 3 else 64)  # the paper's widths and depths
     cfg.BLOCKS_PER_STAGE = cfg.BLOCKS_PER_STAGE or (3 if data.shape[1] == 3 else 2)
     if len(data) < cfg.BATCH_SIZE:
@@ -411,7 +429,7 @@ def main(argv=None):
         "\nnote: the paper-size model is meant for a GPU; for a CPU run see the first command in the docstring"
         if device.type == "cpu" and cfg.WIDTH >= 64 else ""))
     data = data.to(device)  # 150 MiB for CIFAR-10: batches are then drawn without host copies
-    return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device)
+    return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device, rank, world)
 
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
