@@ -1,68 +1,29 @@
-"""02 - Why one noise level is not enough in high dimension (MDSM, Li et al. 2023, Appendix B).
+"""02 - Why one noise level is not enough in high dimension (MDSM, arXiv 1910.07762, Appendix B).
 
-Denoising score matching (DSM) with one noise level sigma trains grad E only where its training
-inputs x~ = x + sigma*eps fall. In d dimensions ||x~ - x|| concentrates at sigma*sqrt(d) with a
-spread of about sigma/sqrt(2) that does not shrink with d, so the supervised region is a thin shell
-around the data: nothing constrains E on the data itself or far out, where sampling chains start.
-MDSM (eq. 10 of the paper, 1/sigma^2-weighted as in the authors' code) trains ONE unconditional
-energy on a whole range of sigma at once, which covers every shell from the data to the chains.
+Denoising score matching (DSM) at one noise level sigma supervises grad E only where its inputs
+x~ = x + sigma*eps fall, and in d dimensions they fall on a thin shell around the data (a chi law):
+    E||x~ - x|| = sigma sqrt(2) Gamma((d+1)/2) / Gamma(d/2) ~ sigma sqrt(d),   std ~ sigma / sqrt(2),
+a width that does not shrink with d. On the data itself and far out, where sampling chains start,
+nothing constrains E. MDSM (paper eq. 10, with the 1/sigma^2 weight of the authors' code) trains ONE
+unconditional energy on every shell at once, sigma ~ U[0.05, 1.2] laid out across the batch:
+    loss = mean over x, sigma, eps of ||x - x~ + sigma0^2 grad E(x~)||^2 / (sigma^2 sigma0^4).
+Its optimum (derived) is sigma0^2 grad E(x~) = x~ - E[x|x~] on the shell of sigma: exp(-E) is the
+sigma-smoothed data at temperature T = sigma^2/sigma0^2. Sampling anneals T from 100 (sigma = 1) to 0,
+    x <- x - (sigma_s^2/2) grad E(x) + sqrt(T) sigma_s xi,   then one Tweedie step x <- x - sigma0^2 grad E(x).
 
-Part 1 measures the concentration (table + figure, and the CIFAR-10 shell radii).
-Part 2 is a toy whose noisy score is exact: a 3-mode Gaussian mixture with unequal weights
-(0.6/0.3/0.1) living on a 2-D plane, embedded by a random rotation in d dimensions. Why this toy:
-like images it is a low-dimensional data set in a high-dimensional space, its noisy density
-q_sigma is a Gaussian mixture in the plane times N(0, sigma^2 I) across it, so grad log q_sigma,
-the exact optimum of the MDSM objective and exact Langevin are closed form at every d, and the
-unequal weights show whether a sampler finds the right mass per mode. The same MLP energy (no
-sigma input; it also sees r = ||x||/sqrt(d), see "What we find") is trained by single-noise DSM
-(sigma = sigma0 = 0.1) and by MDSM (sigma ~ U[0.05,1.2] laid out across the batch), with the same
-budget; we then measure the gradient error at probe points x + sigma_t*eps at distances from 0.3x
-to 10x the single-noise shell, and sample from broad noise N(0, I) (the sigma = 1 shell, like
-MDSM's 0.5 + N(0, I)) with plain Langevin (single) and MDSM's annealed Langevin (multiscale).
-Oracle chains driven by the exact fields separate what the sampler can do at best from what the
-learned energy gets wrong.
+Part 1 measures the shell (table, CIFAR-10 radii). Part 2 is a toy with exact answers: 3 Gaussian
+modes (weights 0.6/0.3/0.1) on a 2-D plane, rotated into R^d; its smoothed density q_sigma, the exact
+optimum g* of each loss and exact ("oracle") chains are closed form at every d. One energy network
+is trained by single-noise DSM (sigma = sigma0 = 0.1) and by MDSM with the same budget; we measure
+||grad E - g*|| / ||g*|| at 0.3x to 10x the single-noise shell radius and sample from N(0, I):
+plain Langevin at T = 1 (single noise) and MDSM's annealing (multiscale).
 
-What "right" means (derived): the per-sample MDSM loss ||x - x~ + sigma0^2 grad E(x~)||^2 /
-(sigma^2 sigma0^4) is minimized pointwise by sigma0^2 g*(x~) = sum_j w_j (x~ - E[x|x~,s_j]) with
-w_j proportional to q_{s_j}(x~)/s_j^2, and x~ - E[x|x~,s] = -s^2 grad log q_s(x~) (Tweedie).
-In high d only the level whose shell passes through x~ has weight, so at distance sigma_t*sqrt(d)
-the target is -(sigma_t^2/sigma0^2) grad log q_{sigma_t}: temperature T = sigma_t^2/sigma0^2.
-With a single level the target is -grad log q_sigma0 everywhere. Errors are ||g - g*|| / ||g*||.
-
-What we find (defaults, 2-core CPU, seed 0, about 1 minute): the concentration formulas hold
-(d = 3072: mean 55.44 vs sqrt(d) = 55.43, std 0.71 vs 1/sqrt(2)). Gradients: the single-noise
-error is 0.05-0.08 on its shell (d >= 16) and grows to 0.5-0.85 10x outside it (d = 128, 256),
-and its in-plane part (below) to 3-7; at d = 256 it is also 1.1 at 0.3x, inside the shell. MDSM
-stays at 0.03-0.12 over the whole range at d = 128 and 256. Sampling: exact single-noise Langevin
-gets the mode weights wrong at every d (TV ~0.25: no mixing between modes), exact MDSM annealing
-gets them right (TV <= 0.05, 100% on data). The learned single-noise energy puts 30% / 35% of
-its samples on the data at d = 128 / 256 (TV 0.17 / 0.48), the learned MDSM energy 30% / 50%
-(TV 0.11 / 0.20): better, but far from its oracle.
-
-Why the learned MDSM energy falls short (measured; the second and third tables): g* has two
-parts, the pull back onto the plane (d-2 components, = v/sigma0^2 at every level) and the 2-D
-in-plane pull towards a mode, 5-15x smaller, so the total error hides the in-plane one. Its
-optimum scales the in-plane pull by T = sigma^2/sigma0^2, with sigma read off the radius: a
-product of a function of ||v|| and one of the in-plane position. With x alone as input
-(--radius_input=false) the one-layer net does not learn that product: at d = 256 its in-plane
-field has 0.33-0.40 of the exact strength where chains start (ratio 5-10) and 1.4-3 relative
-error near the data, chains spread to a median in-plane radius 1.8-2.0 at T ~ 27 (exact 0.84)
-and never come back, and only 7% of the samples land on the data (128: 23%). Neither 6000
-steps, a 2-layer trunk, width 1024, lr 1e-3 / 1e-2 nor a 5x first-layer init fixed that (0-16%;
-35% for width 1024 and 1600 steps). Feeding r = ||x||/sqrt(d) as one extra input (a function of
-x, so E stays one unconditional energy; in high d r ~ sigma on the sigma shell) brings the far
-in-plane error from 0.78 to 0.11 and the strength to ~1, and the on-data fraction to 50%. What
-is left is the in-plane field near the data (error 0.7-1.3 at ratios 0.6-2 for d = 128 / 256,
-too weak by 1.5-2x at T = 0.4-4, so chains end too often in the heavy mode): 4000 or 8000
-steps did not move it (51% / 58% on data at d = 256). The shortened sampler is not the problem
-(the exact field reaches 100% with it); its cool-down is MDSM's 200 steps (with 50, even exact
-chains were still ~1.1 from the plane before the final denoise). Lesson: MDSM's schedule works
-with the right field, and the multiscale energy is right far out where single-noise DSM is
-wrong, but learning the low-dimensional structure near the data in high d needs more than this
-toy budget and network (the paper: a deep ResNet, 300k steps).
-
-Run:  python 02_single_noise_failure.py                          (about 1 minute on a CPU)
-      python 02_single_noise_failure.py --dims=2,16,128,512 --steps=6000 --hidden=1024  (bigger, slower)
+Run:  python 02_single_noise_failure.py                       (about 1.5 minutes on one CPU core)
+      python 02_single_noise_failure.py --dims=2,16,128,512 --steps=6000   (bigger, slower)
+Expected (seed 0): measured radii match sqrt(d) and 1/sqrt(2). At d = 256 the single-noise gradient
+error is 0.05 on its shell and 0.5 at 10x, MDSM's stays below 0.1; exact single-noise Langevin gets
+the mode weights wrong (TV 0.26), exact MDSM annealing right (TV 0.03, all samples on the data); the
+learned MDSM energy puts 50 % of its samples on the data, single-noise DSM 35 %.
 """
 import math
 import os
@@ -314,12 +275,13 @@ def run_samplers(toy, nets, cfg, gen):
 def save_figure(conc, results, cfg, path):
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
     for d, r in conc:  # (a) radii concentrate: histogram of ||eps|| / sqrt(d)
         ax[0, 0].hist((r / math.sqrt(d)).numpy(), bins=60, range=(0, 2), histtype="step", density=True, label=f"d={d}")
-    ax[0, 0].set(title="(a) ||x~ - x|| / (sigma sqrt d): a thin shell in high d", xlabel="radius / (sigma sqrt d)")
+    ax[0, 0].set(title="(a) ||x~ - x|| / (sigma sqrt d): a thin shell in high d", xlabel="radius / (sigma sqrt d)", ylabel="density")
     ax[0, 0].legend(fontsize=8)
     dims = [d for d, _ in results]
     for j, (name, title) in enumerate([("single", "(b) single-noise DSM: grad error (dashed: in-plane)"),
@@ -337,17 +299,27 @@ def save_figure(conc, results, cfg, path):
     for name, style in [("single", "o-"), ("single oracle", "o:"), ("multi", "s-"), ("multi oracle", "s:")]:
         ax[1, 0].plot(dims, [res["samples"][name][0]["tv"] for _, res in results], style, label=name)
         ax[1, 1].plot(dims, [res["samples"][name][0]["on_data"] for _, res in results], style, label=name)
-    ax[1, 0].set(xscale="log", title="(d) mode-weight error (TV) of samples", xlabel="d", ylim=(0, 1))
-    ax[1, 1].set(xscale="log", title="(e) fraction of samples on the data", xlabel="d", ylim=(-0.02, 1.02))
+    ax[1, 0].set(xscale="log", title="(d) mode-weight error of samples (0 = exact)", xlabel="d", ylabel="total variation", ylim=(0, 1))
+    ax[1, 1].set(xscale="log", title="(e) fraction of samples on the data (1 = exact)", xlabel="d", ylabel="fraction", ylim=(-0.02, 1.02))
     for a in ax[1, :2]:
         a.legend(fontsize=8)
+        a.set_xticks(dims, [str(d) for d in dims], minor=False)
+        a.set_xticks([], minor=True)
     d, res = results[-1]  # (f) in-plane view of the samples at the largest d
-    for name, color in [("single", "tab:red"), ("multi", "tab:blue")]:
-        u = res["samples"][name][1] @ res["toy"].Q
-        ax[1, 2].scatter(u[:, 0], u[:, 1], s=4, alpha=0.5, color=color, label=name)
-    ax[1, 2].scatter(*res["toy"].centers.T, marker="x", color="k", s=80, label="modes (0.6/0.3/0.1)")
-    ax[1, 2].set(title=f"(f) samples, in-plane coordinates, d={d}", xlim=(-1.5, 1.5), ylim=(-1.5, 1.5), aspect="equal")
-    ax[1, 2].legend(fontsize=8)
+    toy, colors = res["toy"], {"single": "tab:blue", "multi": "tab:green"}  # the colours of (d) and (e)
+    u = {name: torch.nan_to_num(res["samples"][name][1] @ toy.Q, nan=1e3).clamp(-1e3, 1e3) for name in colors}
+    lim = min(max(1.0, 1.1 * max(v.abs().max().item() for v in u.values())), 4.0)  # all in view, up to |u| = 4
+    outside = sum(int((v.abs().max(1).values > lim).sum()) for v in u.values())
+    for name, color in colors.items():
+        ax[1, 2].scatter(u[name][:, 0], u[name][:, 1], s=4, alpha=0.5, color=color, label=f"{name} (learned)")
+    for k, c in enumerate(toy.centers):  # the 'on the data' region of each mode
+        ax[1, 2].add_patch(matplotlib.patches.Circle(c.tolist(), 4 * toy.s, fill=False, color="k", lw=0.8,
+                                                     label="on-data region (4 mode std)" if k == 0 else None))
+    ax[1, 2].scatter(*toy.centers.T, marker="x", color="k", s=60, label="modes (weights 0.6/0.3/0.1)")
+    title = f"(f) samples in the data plane, d={d}" + (f" ({outside} off-frame)" if outside else "")
+    ax[1, 2].set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal",
+                 xlabel="in-plane coordinate u1", ylabel="in-plane coordinate u2")
+    ax[1, 2].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
