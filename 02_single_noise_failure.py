@@ -1,29 +1,30 @@
 """02 - Why one noise level is not enough in high dimension (MDSM, arXiv 1910.07762, Appendix B).
 
-Denoising score matching (DSM) at one noise level sigma supervises grad E only where its inputs
-x~ = x + sigma*eps fall, and in d dimensions they fall on a thin shell around the data (a chi law):
-    E||x~ - x|| = sigma sqrt(2) Gamma((d+1)/2) / Gamma(d/2) ~ sigma sqrt(d),   std ~ sigma / sqrt(2),
-a width that does not shrink with d. On the data itself and far out, where sampling chains start,
-nothing constrains E. MDSM (paper eq. 10, with the 1/sigma^2 weight of the authors' code) trains ONE
-unconditional energy on every shell at once, sigma ~ U[0.05, 1.2] laid out across the batch:
+DSM at one noise level sigma supervises grad E only where x~ = x + sigma*eps falls, and in d
+dimensions that is a thin shell around the data (a chi law; the width does not shrink with d):
+    E||x~ - x|| = sigma sqrt(2) Gamma((d+1)/2) / Gamma(d/2) ~ sigma sqrt(d),   std ~ sigma / sqrt(2).
+On the data and far out, where sampling chains start, nothing constrains E. MDSM (paper eq. 10, with
+the 1/sigma^2 weight of the authors' code) trains ONE unconditional energy on all shells at once,
+sigma ~ U[0.05, 1.2] laid out across the batch:
     loss = mean over x, sigma, eps of ||x - x~ + sigma0^2 grad E(x~)||^2 / (sigma^2 sigma0^4).
 Its optimum (derived) is sigma0^2 grad E(x~) = x~ - E[x|x~] on the shell of sigma: exp(-E) is the
-sigma-smoothed data at temperature T = sigma^2/sigma0^2. Sampling anneals T from 100 (sigma = 1) to 0,
-    x <- x - (sigma_s^2/2) grad E(x) + sqrt(T) sigma_s xi,   then one Tweedie step x <- x - sigma0^2 grad E(x).
+sigma-smoothed data at temperature T = sigma^2/sigma0^2, so sampling anneals T from 100 to 0,
+    x <- x - (sigma_s^2/2) grad E(x) + sqrt(T) sigma_s xi,   then Tweedie: x <- x - sigma0^2 grad E(x).
 
-Part 1 measures the shell (table, CIFAR-10 radii). Part 2 is a toy with exact answers: 3 Gaussian
-modes (weights 0.6/0.3/0.1) on a 2-D plane, rotated into R^d; its smoothed density q_sigma, the exact
-optimum g* of each loss and exact ("oracle") chains are closed form at every d. One energy network
-is trained by single-noise DSM (sigma = sigma0 = 0.1) and by MDSM with the same budget; we measure
-||grad E - g*|| / ||g*|| at 0.3x to 10x the single-noise shell radius and sample from N(0, I):
-plain Langevin at T = 1 (single noise) and MDSM's annealing (multiscale).
+Part 1 measures the shell. Part 2: 3 Gaussian modes (weights 0.6/0.3/0.1) on a 2-D plane rotated
+into R^d; its smoothed density, the exact optimum g* of each loss and exact ("oracle") chains are
+closed form. One energy, sigma0^2 E = dist(x, P)^2/2 + MLP(coordinates in P, ||x||/sqrt(d)) with a
+learned plane P (low-dimensional data, like images), is trained by single-noise DSM (sigma = sigma0
+= 0.1) and by MDSM; we measure ||grad E - g*|| / ||g*|| at 0.3x-10x the single-noise shell radius
+and sample from N(0, I): plain Langevin at T = 1 (single noise), MDSM's annealing (multiscale).
 
-Run:  python 02_single_noise_failure.py                       (about 1.5 minutes on one CPU core)
-      python 02_single_noise_failure.py --dims=2,16,128,512 --steps=6000   (bigger, slower)
-Expected (seed 0): measured radii match sqrt(d) and 1/sqrt(2). At d = 256 the single-noise gradient
-error is 0.05 on its shell and 0.5 at 10x, MDSM's stays below 0.1; exact single-noise Langevin gets
-the mode weights wrong (TV 0.26), exact MDSM annealing right (TV 0.03, all samples on the data); the
-learned MDSM energy puts 50 % of its samples on the data, single-noise DSM 35 %.
+Run:  python 02_single_noise_failure.py                     (about 2 minutes on one CPU core)
+      python 02_single_noise_failure.py --energy=mlp --hidden=256 --lr=3e-3 --batch=128 --steps=2400
+Expected (seed 0): radii match sqrt(d) and 1/sqrt(2). At d = 256 the single-noise in-plane gradient
+error grows from ON on its shell to FAR at 10x (MDSM: MFAR); the learned MDSM energy puts MON of its
+samples on the data, mode-weight TV MTV (exact field: 1.00, OTV); single-noise Langevin lands SON on
+the data but with the wrong weights, as its exact field does (TV STV, exact SOTV). A plain MLP of x
+(second command) puts only 50 % of the MDSM samples on the data.
 """
 import math
 import os
@@ -45,11 +46,12 @@ SIGMA_MIN = 0.05            # MDSM: smallest sigma of the uniform range (CIFAR-1
 SIGMA_MAX = 1.2             # MDSM: largest sigma (CIFAR-10: 1.2)
 MODE_STD = 0.05             # std of each mixture mode inside the data plane
 MODE_RADIUS = 0.6           # modes sit on a circle of this radius in the plane
-HIDDEN = 256                # width of the energy's hidden layer (raised to d if smaller)
-RADIUS_INPUT = True         # also feed ||x||/sqrt(d) to the energy (a function of x; false = plain MLP)
-STEPS = 2400                # Adam steps per model (same for both models)
-BATCH = 128                 # training batch (one sigma per slot for MDSM)
-LR = 3e-3                   # Adam learning rate, cosine-decayed to 1% of it
+ENERGY = "subspace"         # subspace: dist(x, learned plane)^2/2 + MLP of in-plane coordinates; mlp: MLP of x
+LATENT = 2                  # subspace: dimension K of the learned plane (the toy's data plane is 2-D)
+HIDDEN = 64                 # width of the energy's hidden layer (mlp: raised to d if smaller)
+STEPS = 3000                # Adam steps per model (same for both models)
+BATCH = 256                 # training batch (one sigma per slot for MDSM)
+LR = 1e-2                   # Adam learning rate, cosine-decayed to 1% of it (mlp: 3e-3)
 LOG_EVERY = 200             # print a log line every this many steps
 N_PROBE = 256               # probe points per distance for the gradient-error table
 N_CHAINS = 256              # Langevin chains per sampler
@@ -77,7 +79,7 @@ def concentration_table(cfg, gen):
     rows = []
     print("\npart 1: ||x~ - x|| for x~ = x + sigma*eps (sigma = 1; everything scales with sigma)")
     print(f"{'d':>6} {'MC mean':>9} {'sqrt(d)':>9} {'MC std':>8} {'1/sqrt2':>8} {'exact std':>9} {'rel. width':>10}")
-    for d in [int(s) for s in cfg.CONC_DIMS.split(",")]:
+    for d in [int(text) for text in cfg.CONC_DIMS.split(",")]:
         r = torch.randn(cfg.CONC_SAMPLES, d, generator=gen).norm(dim=1)  # (N,)
         mean, std, approx_mean, approx_std = shell_radius(d, 1.0)
         rows.append((d, r))
@@ -143,29 +145,33 @@ class PlaneMixture:
 
 # ---------------------------------------------------------------- model and loss
 class Energy(torch.nn.Module):
-    """E(x) = [(w1.h + b1)(w2.h + b2) + w3.(h*h) + b3] / sigma0^2 with h = SiLU(W [x, r] + b): a one-layer
-    MLP trunk with MDSM's "quadratic neuron" head; SiLU because grad E must be differentiable.
-    grad E lies in the span of the rows of W, so the width is at least d. The 1/sigma0^2 makes
-    the net itself model sigma0^2 E, whose gradient x~ - E[x|x~] has norm ~ sigma*sqrt(d).
-    r = ||x|| / sqrt(d) (radius_input) is an extra input computed from x alone, so E stays one
-    unconditional energy. In high d it reads off the noise level (r ~ sigma on the sigma shell),
-    and the MDSM optimum needs exactly that: its in-plane pull is scaled by T = sigma^2/sigma0^2,
-    a product of a function of the radius and one of the in-plane position, which a one-layer
-    MLP on x alone does not learn (measured: see the in-plane tables, --radius_input=false)."""
+    """sigma0^2 E(x) = dist(x, P)^2 / 2 + f(A^T x, r)  (energy="subspace"), or f(x, r) (energy="mlp"):
+    P a learned K-dim subspace with orthonormal basis A (d, K), r = ||x||/sqrt(d) (~ sigma on the shell
+    of sigma; a function of x, so E stays one unconditional energy), f one SiLU layer with MDSM's
+    "quadratic neuron" head (w1.h + b1)(w2.h + b2) + w3.(h*h) + b3. Why it fits: for data on a plane
+    the off-plane part of x~ - E[x|x~] is v at every sigma, the gradient of dist^2/2, so only P and a
+    (K+1)-input f are learned; an MLP of x learns the in-plane pull too weakly near the data."""
 
-    def __init__(self, d, hidden, sigma0, radius_input=True):
+    def __init__(self, d, hidden, sigma0, kind="subspace", latent=2):
         super().__init__()
-        self.radius_input = radius_input
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(d + radius_input, max(hidden, d)), torch.nn.SiLU())
-        self.pair, self.square = torch.nn.Linear(max(hidden, d), 2), torch.nn.Linear(max(hidden, d), 1)
-        self.scale = 1 / sigma0**2
+        self.kind, n_in = kind, min(latent, d) if kind == "subspace" else d
+        if kind == "subspace":
+            self.basis = torch.nn.Parameter(torch.randn(d, n_in) / math.sqrt(d))  # spans P after QR
+        width = hidden if kind == "subspace" else max(hidden, d)  # mlp: grad E lies in the span of W's rows
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(n_in + 1, width), torch.nn.SiLU())
+        self.pair, self.square = torch.nn.Linear(width, 2), torch.nn.Linear(width, 1)
+        self.scale = 1 / sigma0**2  # the net models sigma0^2 E, whose gradient has norm ~ sigma sqrt(d)
 
     def forward(self, x):  # (n, d) -> (n,)
-        if self.radius_input:
-            x = torch.cat([x, x.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1])], 1)  # (n, d+1)
-        h = self.trunk(x)  # (n, H)
+        r = x.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1])  # (n, 1)
+        half_dist2 = torch.zeros(len(x))
+        if self.kind == "subspace":
+            z = x @ torch.linalg.qr(self.basis)[0]  # (n, K) coordinates in P
+            half_dist2 = 0.5 * (x.pow(2).sum(1) - z.pow(2).sum(1))  # (n,) dist(x, P)^2 / 2
+            x = z
+        h = self.trunk(torch.cat([x, r], 1))  # (n, H)
         a = self.pair(h)  # (n, 2)
-        return self.scale * (a[:, 0] * a[:, 1] + self.square(h * h)[:, 0])
+        return self.scale * (half_dist2 + a[:, 0] * a[:, 1] + self.square(h * h)[:, 0])
 
 
 def grad_energy(net, x, create_graph=False):
@@ -182,7 +188,7 @@ def mdsm_loss(net, x, sigma, sigma0):
 
 
 def train(toy, multiscale, cfg, gen, tag):
-    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0, cfg.RADIUS_INPUT)  # the same network for both models
+    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0, cfg.ENERGY, cfg.LATENT)  # the same network for both models
     opt = torch.optim.Adam(net.parameters(), lr=cfg.LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.STEPS, eta_min=cfg.LR / 100)
     # MDSM: one sigma per batch slot, linspace(SIGMA_MIN, SIGMA_MAX, B); single: every slot sigma0
@@ -208,12 +214,11 @@ PROBE_RATIOS = (0.3, 0.6, 1.0, 2.0, 5.0, 10.0)  # probe noise sigma_t / SIGMA0 (
 
 
 def gradient_errors(toy, nets, cfg, gen):
-    """Relative error ||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0, and the
-    same for the in-plane part alone (keys "<model> plane"). Across the plane g* = v / sigma0^2
-    has d-2 components and dominates ||g*||; the 2-D in-plane part, which decides which mode a
-    chain falls into, is 5-15x smaller, so a small total error can hide a useless in-plane field."""
+    """||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0, and for the in-plane part alone
+    ("<model> plane"): the 2-D pull that picks a mode is 5-15x smaller than the off-plane v / sigma0^2,
+    so a small total error can hide a useless in-plane field."""
     levels = torch.linspace(cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.BATCH)
-    errors = {key: [] for name in nets for key in (name, name + " plane", name + " gain")}
+    errors = {key: [] for name in nets for key in (name, name + " plane")}
     for ratio in PROBE_RATIOS:
         x = toy.sample(cfg.N_PROBE, gen)
         x_noisy = x + ratio * cfg.SIGMA0 * torch.randn(x.shape, generator=gen)
@@ -224,7 +229,6 @@ def gradient_errors(toy, nets, cfg, gen):
             errors[name].append(((g - targets[name]).norm(dim=1) / targets[name].norm(dim=1)).mean().item())
             g_u, t_u = g @ toy.Q, targets[name] @ toy.Q  # (n, 2) in-plane coordinates
             errors[name + " plane"].append(((g_u - t_u).norm(dim=1) / t_u.norm(dim=1)).mean().item())
-            errors[name + " gain"].append((g_u.norm(dim=1).mean() / t_u.norm(dim=1).mean()).item())  # 1 = right strength
     return errors
 
 
@@ -240,6 +244,11 @@ def langevin(grad_fn, x, temps, step_size, gen):
     for T in temps:
         x = x - 0.5 * step_size**2 * grad_fn(x) + math.sqrt(max(T, 0)) * step_size * torch.randn(x.shape, generator=gen)
     return x.detach()
+
+
+def tweedie_step(grad_fn, x, sigma0):
+    """Final denoise: E[x | x~] = x~ + sigma0^2 grad log q_sigma0(x~) = x~ - sigma0^2 grad E(x~) (Tweedie)."""
+    return (x - sigma0**2 * grad_fn(x)).detach()
 
 
 def sample_quality(toy, x):
@@ -266,8 +275,8 @@ def run_samplers(toy, nets, cfg, gen):
     for name, grad_fn in fields.items():
         # plain Langevin at T = 1 for the single-noise energy, MDSM's annealing for the multiscale one
         x = langevin(grad_fn, x0.clone(), [1.0] * len(temps) if "single" in name else temps, cfg.STEP_SIZE, gen)
-        x = x - cfg.SIGMA0**2 * grad_fn(x)  # final denoise (Tweedie at sigma0)
-        out[name] = (sample_quality(toy, x), x.detach())
+        x = tweedie_step(grad_fn, x, cfg.SIGMA0)
+        out[name] = (sample_quality(toy, x), x)
     return out
 
 
@@ -277,7 +286,6 @@ def save_figure(conc, results, cfg, path):
     matplotlib.use("Agg")
     import matplotlib.patches
     import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
     for d, r in conc:  # (a) radii concentrate: histogram of ||eps|| / sqrt(d)
         ax[0, 0].hist((r / math.sqrt(d)).numpy(), bins=60, range=(0, 2), histtype="step", density=True, label=f"d={d}")
@@ -326,18 +334,50 @@ def save_figure(conc, results, cfg, path):
     plt.close(fig)
 
 
+# smallest allowed value of each integer knob; the float knobs below must be > 0
+INT_MINIMUM = {"SEED": 0, "THREADS": 0, "CONC_SAMPLES": 2, "LATENT": 1, "HIDDEN": 1, "STEPS": 1, "BATCH": 2,
+               "LOG_EVERY": 1, "N_PROBE": 1, "N_CHAINS": 1, "WARM_STEPS": 0, "ANNEAL_STEPS": 0, "COOL_STEPS": 0}
+POSITIVE = ("SIGMA0", "SIGMA_MIN", "SIGMA_MAX", "MODE_STD", "MODE_RADIUS", "LR", "INIT_STD", "STEP_SIZE")
+
+
+def check_config(cfg):
+    """Every knob in its range, else one line naming the knob and what is allowed."""
+    def refuse(knob, allowed):
+        raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is not allowed; allowed: {allowed}")
+    for knob, low in INT_MINIMUM.items():
+        if getattr(cfg, knob) < low:
+            refuse(knob, f"an integer >= {low}")
+    for knob in POSITIVE:
+        if not 0 < getattr(cfg, knob) < math.inf:
+            refuse(knob, "a finite number > 0")
+    if cfg.SIGMA_MAX <= cfg.SIGMA_MIN:
+        refuse("SIGMA_MAX", f"a number > --sigma_min={cfg.SIGMA_MIN}")
+    if not 1 <= cfg.T_MAX < math.inf:
+        refuse("T_MAX", "a finite temperature >= 1 (the anneal runs from t_max down to 1)")
+    if cfg.ENERGY not in ("subspace", "mlp"):
+        refuse("ENERGY", "subspace or mlp")
+    for knob, low in (("DIMS", 2), ("CONC_DIMS", 1)):  # the data plane is 2-D, so the toy needs d >= 2
+        if not all(text.strip().isdigit() and int(text) >= low for text in getattr(cfg, knob).split(",")):
+            refuse(knob, f"comma-separated integers >= {low}, e.g. 2,16,128")
+
+
+def check_writable(folder):
+    """Fail before any work, not at the first save, when the figure cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, ".write_test"), "w").close()
+        os.remove(os.path.join(folder, ".write_test"))
+    except OSError as err:
+        raise SystemExit(f"error: --out_dir={folder} is not writable ({err.strerror}); allowed: a writable folder")
+
+
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    try:
-        dims = [int(s) for s in cfg.DIMS.split(",")]
-        [int(s) for s in cfg.CONC_DIMS.split(",")]
-    except ValueError:
-        raise SystemExit("error: --dims and --conc_dims are comma-separated integers, e.g. --dims=2,16,128")
-    if min(dims) < 2 or not 0 < cfg.SIGMA_MIN < cfg.SIGMA_MAX:
-        raise SystemExit("error: every d must be >= 2 (the data plane is 2-D) and 0 < sigma_min < sigma_max")
+    check_config(cfg)
+    dims = [int(text) for text in cfg.DIMS.split(",")]
+    check_writable(cfg.OUT_DIR)
     pick_device(cfg.DEVICE)  # the toy runs on the CPU; this only validates the knob
-    if cfg.THREADS > 0:
-        torch.set_num_threads(cfg.THREADS)
+    torch.set_num_threads(cfg.THREADS or torch.get_num_threads())  # 0 = keep torch's default
     set_seed(cfg.SEED)
     gen = torch.Generator().manual_seed(cfg.SEED)
     t0 = time.time()
@@ -350,19 +390,12 @@ def main(argv=None):
         nets = {"single": train(toy, False, cfg, gen, "single"), "multi": train(toy, True, cfg, gen, "multi")}
         results.append((d, {"toy": toy, "errors": gradient_errors(toy, nets, cfg, gen),
                             "samples": run_samplers(toy, nets, cfg, gen)}))
-    print("\ngradient error ||g - g*|| / ||g*|| at x + sigma_t*eps (ratio = sigma_t / sigma0; 1 = single shell)")
-    print(f"{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
-    for d, res in results:
-        for name in ("single", "multi"):
-            print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name]))
-    print("\nthe same error for the in-plane part of g only (the 2-D pull towards the modes)")
-    print(f"{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
-    for d, res in results:
-        for name in ("single", "multi"):
-            print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name + " plane"]))
-    print(f"{'':>5} {'':>7} in-plane strength |g| / |g*| of the MDSM field (1 = right; the exact one grows with T):")
-    for d, res in results:
-        print(f"{d:>5} {'multi':>7} " + " ".join(f"{e:7.3f}" for e in res["errors"]["multi gain"]))
+    for title, part in (("gradient error ||g - g*|| / ||g*|| at x + sigma_t*eps (ratio = sigma_t / sigma0; 1 = single shell)", ""),
+                        ("the same error for the in-plane part of g only (the 2-D pull towards the modes)", " plane")):
+        print(f"\n{title}\n{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
+        for d, res in results:
+            for name in ("single", "multi"):
+                print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name + part]))
     print(f"\nsamples from N(0, {cfg.INIT_STD}^2 I) after {len(temperatures(cfg))} Langevin steps + denoise "
           f"(exact samples: tv ~0.02, plane 0, on data 1.00, weights 0.60/0.30/0.10)")
     print(f"{'d':>5} {'sampler':>14} {'tv':>6} {'plane':>9} {'on data':>8}  mode weights")
@@ -370,12 +403,11 @@ def main(argv=None):
         for name, (q, _) in res["samples"].items():
             print(f"{d:>5} {name:>14} {q['tv']:6.3f} {q['plane']:9.3g} {q['on_data']:8.2f}  "
                   + "/".join(f"{f:.2f}" for f in q["freq"]))
-    d, res = results[-1]
-    e, q = res["errors"], {name: v[0] for name, v in res["samples"].items()}
-    print(f"\nreading (d = {d}): 10x outside the single shell the gradient error is {e['single'][-1]:.2f} (single) vs "
-          f"{e['multi'][-1]:.2f} (MDSM); annealing with MDSM's exact field puts {q['multi oracle']['on_data']:.2f} of the "
-          f"samples on the data (TV {q['multi oracle']['tv']:.2f}), the learned MDSM energy {q['multi']['on_data']:.2f}: "
-          f"its in-plane error near the data is {e['multi plane'][0]:.2f} although its total error there is {e['multi'][0]:.2f}")
+    e, q = results[-1][1]["errors"], {name: v[0] for name, v in results[-1][1]["samples"].items()}
+    print(f"\nreading (d = {results[-1][0]}): 10x outside the single shell the in-plane gradient error is "
+          f"{e['single plane'][-1]:.2f} (single) vs {e['multi plane'][-1]:.2f} (MDSM); on the data: MDSM "
+          f"{q['multi']['on_data']:.2f} (oracle {q['multi oracle']['on_data']:.2f}), mode-weight TV: single "
+          f"{q['single']['tv']:.2f} (oracle {q['single oracle']['tv']:.2f}), MDSM {q['multi']['tv']:.2f}")
     path = os.path.join(cfg.OUT_DIR, "02_single_noise_failure.png")
     save_figure(conc, results, cfg, path)
     print(f"\nwrote {path} | total {time.time() - t0:.0f} s")
