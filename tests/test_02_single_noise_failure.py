@@ -178,9 +178,10 @@ def test_sample_quality_by_hand(script):
     perfect = torch.cat([c[0].repeat(6, 1), c[1].repeat(3, 1), c[2].repeat(1, 1)]) @ toy.Q.T
     q = m.sample_quality(toy, perfect)
     assert q["tv"] == pytest.approx(0, abs=1e-6) and q["on_data"] == 1.0 and q["plane"] == pytest.approx(0, abs=1e-3)
-    # 5 at mode 0, 5 near mode 1: one of them 0.5 off the plane, one 0.3 from the centre in the plane
+    # 5 at mode 0, 5 near mode 1: one 0.5 off the plane, one 0.3 and one 0.175 (3.5 std) from the centre
     u = torch.cat([c[0].repeat(5, 1), c[1].repeat(5, 1)])
     u[9] += torch.tensor([0.3, 0.0])
+    u[8] += torch.tensor([0.0, 0.175])
     x = u @ toy.Q.T
     off = torch.randn(5, generator=gen)
     off = off - toy.Q @ (toy.Q.T @ off)  # orthogonal to the plane
