@@ -316,7 +316,7 @@ def save_figure(conc, results, cfg, path):
     toy, colors = res["toy"], {"single": "tab:blue", "multi": "tab:green"}  # the colours of (d) and (e)
     u = {name: torch.nan_to_num(res["samples"][name][1] @ toy.Q, nan=1e3).clamp(-1e3, 1e3) for name in colors}
     reach = torch.cat([v.abs().max(1).values for v in u.values()])  # (2n,) how far out each sample lies
-    lim = max(1.0, 1.2 * reach.quantile(0.95).item())  # every cluster in view; stragglers are counted
+    lim = min(max(1.0, 1.1 * reach.max().item()), 3.0)  # all in view up to 5x the mode radius, the rest counted
     outside = int((reach > lim).sum())
     for name, color in colors.items():
         ax[1, 2].scatter(u[name][:, 0], u[name][:, 1], s=4, alpha=0.5, color=color, label=f"{name} (learned)")
