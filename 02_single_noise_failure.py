@@ -1,68 +1,30 @@
-"""02 - Why one noise level is not enough in high dimension (MDSM, Li et al. 2023, Appendix B).
+"""02 - Why one noise level is not enough in high dimension (MDSM, arXiv 1910.07762, Appendix B).
 
-Denoising score matching (DSM) with one noise level sigma trains grad E only where its training
-inputs x~ = x + sigma*eps fall. In d dimensions ||x~ - x|| concentrates at sigma*sqrt(d) with a
-spread of about sigma/sqrt(2) that does not shrink with d, so the supervised region is a thin shell
-around the data: nothing constrains E on the data itself or far out, where sampling chains start.
-MDSM (eq. 10 of the paper, 1/sigma^2-weighted as in the authors' code) trains ONE unconditional
-energy on a whole range of sigma at once, which covers every shell from the data to the chains.
+DSM at one noise level sigma supervises grad E only where x~ = x + sigma*eps falls, and in d
+dimensions that is a thin shell around the data (a chi law; the width does not shrink with d):
+    E||x~ - x|| = sigma sqrt(2) Gamma((d+1)/2) / Gamma(d/2) ~ sigma sqrt(d),   std ~ sigma / sqrt(2).
+On the data and far out, where sampling chains start, nothing constrains E. MDSM (paper eq. 10, with
+the 1/sigma^2 weight of the authors' code) trains ONE unconditional energy on all shells at once,
+sigma ~ U[0.05, 1.2] laid out across the batch:
+    loss = mean over x, sigma, eps of ||x - x~ + sigma0^2 grad E(x~)||^2 / (sigma^2 sigma0^4).
+Its optimum (derived) is sigma0^2 grad E(x~) = x~ - E[x|x~] on the shell of sigma: exp(-E) is the
+sigma-smoothed data at temperature T = sigma^2/sigma0^2, so sampling anneals T from 100 to 0,
+    x <- x - (sigma_s^2/2) grad E(x) + sqrt(T) sigma_s xi,   then Tweedie: x <- x - sigma0^2 grad E(x).
 
-Part 1 measures the concentration (table + figure, and the CIFAR-10 shell radii).
-Part 2 is a toy whose noisy score is exact: a 3-mode Gaussian mixture with unequal weights
-(0.6/0.3/0.1) living on a 2-D plane, embedded by a random rotation in d dimensions. Why this toy:
-like images it is a low-dimensional data set in a high-dimensional space, its noisy density
-q_sigma is a Gaussian mixture in the plane times N(0, sigma^2 I) across it, so grad log q_sigma,
-the exact optimum of the MDSM objective and exact Langevin are closed form at every d, and the
-unequal weights show whether a sampler finds the right mass per mode. The same MLP energy (no
-sigma input; it also sees r = ||x||/sqrt(d), see "What we find") is trained by single-noise DSM
-(sigma = sigma0 = 0.1) and by MDSM (sigma ~ U[0.05,1.2] laid out across the batch), with the same
-budget; we then measure the gradient error at probe points x + sigma_t*eps at distances from 0.3x
-to 10x the single-noise shell, and sample from broad noise N(0, I) (the sigma = 1 shell, like
-MDSM's 0.5 + N(0, I)) with plain Langevin (single) and MDSM's annealed Langevin (multiscale).
-Oracle chains driven by the exact fields separate what the sampler can do at best from what the
-learned energy gets wrong.
+Part 1 measures the shell. Part 2: 3 Gaussian modes (weights 0.6/0.3/0.1) on a 2-D plane rotated
+into R^d; its smoothed density, the exact optimum g* of each loss and exact ("oracle") chains are
+closed form. One energy, sigma0^2 E = dist(x, P)^2/2 + MLP(coordinates in P, ||x||/sqrt(d)) with a
+learned plane P (low-dimensional data, like images), is trained by single-noise DSM (sigma = sigma0
+= 0.1) and by MDSM; we measure ||grad E - g*|| / ||g*|| at 0.3x-10x the single-noise shell radius
+and sample from N(0, I): plain Langevin at T = 1 (single noise), MDSM's annealing (multiscale).
 
-What "right" means (derived): the per-sample MDSM loss ||x - x~ + sigma0^2 grad E(x~)||^2 /
-(sigma^2 sigma0^4) is minimized pointwise by sigma0^2 g*(x~) = sum_j w_j (x~ - E[x|x~,s_j]) with
-w_j proportional to q_{s_j}(x~)/s_j^2, and x~ - E[x|x~,s] = -s^2 grad log q_s(x~) (Tweedie).
-In high d only the level whose shell passes through x~ has weight, so at distance sigma_t*sqrt(d)
-the target is -(sigma_t^2/sigma0^2) grad log q_{sigma_t}: temperature T = sigma_t^2/sigma0^2.
-With a single level the target is -grad log q_sigma0 everywhere. Errors are ||g - g*|| / ||g*||.
-
-What we find (defaults, 2-core CPU, seed 0, about 1 minute): the concentration formulas hold
-(d = 3072: mean 55.44 vs sqrt(d) = 55.43, std 0.71 vs 1/sqrt(2)). Gradients: the single-noise
-error is 0.05-0.08 on its shell (d >= 16) and grows to 0.5-0.85 10x outside it (d = 128, 256),
-and its in-plane part (below) to 3-7; at d = 256 it is also 1.1 at 0.3x, inside the shell. MDSM
-stays at 0.03-0.12 over the whole range at d = 128 and 256. Sampling: exact single-noise Langevin
-gets the mode weights wrong at every d (TV ~0.25: no mixing between modes), exact MDSM annealing
-gets them right (TV <= 0.05, 100% on data). The learned single-noise energy puts 30% / 35% of
-its samples on the data at d = 128 / 256 (TV 0.17 / 0.48), the learned MDSM energy 30% / 50%
-(TV 0.11 / 0.20): better, but far from its oracle.
-
-Why the learned MDSM energy falls short (measured; the second and third tables): g* has two
-parts, the pull back onto the plane (d-2 components, = v/sigma0^2 at every level) and the 2-D
-in-plane pull towards a mode, 5-15x smaller, so the total error hides the in-plane one. Its
-optimum scales the in-plane pull by T = sigma^2/sigma0^2, with sigma read off the radius: a
-product of a function of ||v|| and one of the in-plane position. With x alone as input
-(--radius_input=false) the one-layer net does not learn that product: at d = 256 its in-plane
-field has 0.33-0.40 of the exact strength where chains start (ratio 5-10) and 1.4-3 relative
-error near the data, chains spread to a median in-plane radius 1.8-2.0 at T ~ 27 (exact 0.84)
-and never come back, and only 7% of the samples land on the data (128: 23%). Neither 6000
-steps, a 2-layer trunk, width 1024, lr 1e-3 / 1e-2 nor a 5x first-layer init fixed that (0-16%;
-35% for width 1024 and 1600 steps). Feeding r = ||x||/sqrt(d) as one extra input (a function of
-x, so E stays one unconditional energy; in high d r ~ sigma on the sigma shell) brings the far
-in-plane error from 0.78 to 0.11 and the strength to ~1, and the on-data fraction to 50%. What
-is left is the in-plane field near the data (error 0.7-1.3 at ratios 0.6-2 for d = 128 / 256,
-too weak by 1.5-2x at T = 0.4-4, so chains end too often in the heavy mode): 4000 or 8000
-steps did not move it (51% / 58% on data at d = 256). The shortened sampler is not the problem
-(the exact field reaches 100% with it); its cool-down is MDSM's 200 steps (with 50, even exact
-chains were still ~1.1 from the plane before the final denoise). Lesson: MDSM's schedule works
-with the right field, and the multiscale energy is right far out where single-noise DSM is
-wrong, but learning the low-dimensional structure near the data in high d needs more than this
-toy budget and network (the paper: a deep ResNet, 300k steps).
-
-Run:  python 02_single_noise_failure.py                          (about 1 minute on a CPU)
-      python 02_single_noise_failure.py --dims=2,16,128,512 --steps=6000 --hidden=1024  (bigger, slower)
+Run:  python 02_single_noise_failure.py                     (about 2 minutes on one CPU core)
+      python 02_single_noise_failure.py --energy=mlp --hidden=256 --lr=3e-3 --batch=128 --steps=2400
+Expected (seed 0): radii match sqrt(d) and 1/sqrt(2). At d = 256 the single-noise in-plane gradient
+error grows from 0.25 on its shell to 1.8 at 10x (MDSM: 0.09); the learned MDSM energy puts 92 % of
+its samples on the data with mode-weight TV 0.04 (exact field: 100 %, 0.01). Single-noise Langevin
+puts 82 % on the data but with the wrong weights, as its exact field does (TV 0.12; exact 0.25).
+A plain MLP of x (second command) puts only 50 % of the MDSM samples on the data.
 """
 import math
 import os
@@ -84,11 +46,12 @@ SIGMA_MIN = 0.05            # MDSM: smallest sigma of the uniform range (CIFAR-1
 SIGMA_MAX = 1.2             # MDSM: largest sigma (CIFAR-10: 1.2)
 MODE_STD = 0.05             # std of each mixture mode inside the data plane
 MODE_RADIUS = 0.6           # modes sit on a circle of this radius in the plane
-HIDDEN = 256                # width of the energy's hidden layer (raised to d if smaller)
-RADIUS_INPUT = True         # also feed ||x||/sqrt(d) to the energy (a function of x; false = plain MLP)
-STEPS = 2400                # Adam steps per model (same for both models)
-BATCH = 128                 # training batch (one sigma per slot for MDSM)
-LR = 3e-3                   # Adam learning rate, cosine-decayed to 1% of it
+ENERGY = "subspace"         # subspace: dist(x, learned plane)^2/2 + MLP of in-plane coordinates; mlp: MLP of x
+LATENT = 2                  # subspace: dimension K of the learned plane (the toy's data plane is 2-D)
+HIDDEN = 64                 # width of the energy's hidden layer (mlp: raised to d if smaller)
+STEPS = 3000                # Adam steps per model (same for both models)
+BATCH = 256                 # training batch (one sigma per slot for MDSM)
+LR = 1e-2                   # Adam learning rate, cosine-decayed to 1% of it (mlp: 3e-3)
 LOG_EVERY = 200             # print a log line every this many steps
 N_PROBE = 256               # probe points per distance for the gradient-error table
 N_CHAINS = 256              # Langevin chains per sampler
@@ -116,7 +79,7 @@ def concentration_table(cfg, gen):
     rows = []
     print("\npart 1: ||x~ - x|| for x~ = x + sigma*eps (sigma = 1; everything scales with sigma)")
     print(f"{'d':>6} {'MC mean':>9} {'sqrt(d)':>9} {'MC std':>8} {'1/sqrt2':>8} {'exact std':>9} {'rel. width':>10}")
-    for d in [int(s) for s in cfg.CONC_DIMS.split(",")]:
+    for d in [int(text) for text in cfg.CONC_DIMS.split(",")]:
         r = torch.randn(cfg.CONC_SAMPLES, d, generator=gen).norm(dim=1)  # (N,)
         mean, std, approx_mean, approx_std = shell_radius(d, 1.0)
         rows.append((d, r))
@@ -182,29 +145,33 @@ class PlaneMixture:
 
 # ---------------------------------------------------------------- model and loss
 class Energy(torch.nn.Module):
-    """E(x) = [(w1.h + b1)(w2.h + b2) + w3.(h*h) + b3] / sigma0^2 with h = SiLU(W [x, r] + b): a one-layer
-    MLP trunk with MDSM's "quadratic neuron" head; SiLU because grad E must be differentiable.
-    grad E lies in the span of the rows of W, so the width is at least d. The 1/sigma0^2 makes
-    the net itself model sigma0^2 E, whose gradient x~ - E[x|x~] has norm ~ sigma*sqrt(d).
-    r = ||x|| / sqrt(d) (radius_input) is an extra input computed from x alone, so E stays one
-    unconditional energy. In high d it reads off the noise level (r ~ sigma on the sigma shell),
-    and the MDSM optimum needs exactly that: its in-plane pull is scaled by T = sigma^2/sigma0^2,
-    a product of a function of the radius and one of the in-plane position, which a one-layer
-    MLP on x alone does not learn (measured: see the in-plane tables, --radius_input=false)."""
+    """sigma0^2 E(x) = dist(x, P)^2 / 2 + f(A^T x, r)  (energy="subspace"), or f(x, r) (energy="mlp"):
+    P a learned K-dim subspace with orthonormal basis A (d, K), r = ||x||/sqrt(d) (~ sigma on the shell
+    of sigma; a function of x, so E stays one unconditional energy), f one SiLU layer with MDSM's
+    "quadratic neuron" head (w1.h + b1)(w2.h + b2) + w3.(h*h) + b3. Why it fits: for data on a plane
+    the off-plane part of x~ - E[x|x~] is v at every sigma, the gradient of dist^2/2, so only P and a
+    (K+1)-input f are learned; an MLP of x learns the in-plane pull too weakly near the data."""
 
-    def __init__(self, d, hidden, sigma0, radius_input=True):
+    def __init__(self, d, hidden, sigma0, kind="subspace", latent=2):
         super().__init__()
-        self.radius_input = radius_input
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(d + radius_input, max(hidden, d)), torch.nn.SiLU())
-        self.pair, self.square = torch.nn.Linear(max(hidden, d), 2), torch.nn.Linear(max(hidden, d), 1)
-        self.scale = 1 / sigma0**2
+        self.kind, n_in = kind, min(latent, d) if kind == "subspace" else d
+        if kind == "subspace":
+            self.basis = torch.nn.Parameter(torch.randn(d, n_in) / math.sqrt(d))  # spans P after QR
+        width = hidden if kind == "subspace" else max(hidden, d)  # mlp: grad E lies in the span of W's rows
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(n_in + 1, width), torch.nn.SiLU())
+        self.pair, self.square = torch.nn.Linear(width, 2), torch.nn.Linear(width, 1)
+        self.scale = 1 / sigma0**2  # the net models sigma0^2 E, whose gradient has norm ~ sigma sqrt(d)
 
     def forward(self, x):  # (n, d) -> (n,)
-        if self.radius_input:
-            x = torch.cat([x, x.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1])], 1)  # (n, d+1)
-        h = self.trunk(x)  # (n, H)
+        r = x.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1])  # (n, 1)
+        half_dist2 = torch.zeros(len(x))
+        if self.kind == "subspace":
+            z = x @ torch.linalg.qr(self.basis)[0]  # (n, K) coordinates in P
+            half_dist2 = 0.5 * (x.pow(2).sum(1) - z.pow(2).sum(1))  # (n,) dist(x, P)^2 / 2
+            x = z
+        h = self.trunk(torch.cat([x, r], 1))  # (n, H)
         a = self.pair(h)  # (n, 2)
-        return self.scale * (a[:, 0] * a[:, 1] + self.square(h * h)[:, 0])
+        return self.scale * (half_dist2 + a[:, 0] * a[:, 1] + self.square(h * h)[:, 0])
 
 
 def grad_energy(net, x, create_graph=False):
@@ -221,7 +188,7 @@ def mdsm_loss(net, x, sigma, sigma0):
 
 
 def train(toy, multiscale, cfg, gen, tag):
-    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0, cfg.RADIUS_INPUT)  # the same network for both models
+    net = Energy(toy.d, cfg.HIDDEN, cfg.SIGMA0, cfg.ENERGY, cfg.LATENT)  # the same network for both models
     opt = torch.optim.Adam(net.parameters(), lr=cfg.LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.STEPS, eta_min=cfg.LR / 100)
     # MDSM: one sigma per batch slot, linspace(SIGMA_MIN, SIGMA_MAX, B); single: every slot sigma0
@@ -247,12 +214,11 @@ PROBE_RATIOS = (0.3, 0.6, 1.0, 2.0, 5.0, 10.0)  # probe noise sigma_t / SIGMA0 (
 
 
 def gradient_errors(toy, nets, cfg, gen):
-    """Relative error ||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0, and the
-    same for the in-plane part alone (keys "<model> plane"). Across the plane g* = v / sigma0^2
-    has d-2 components and dominates ||g*||; the 2-D in-plane part, which decides which mode a
-    chain falls into, is 5-15x smaller, so a small total error can hide a useless in-plane field."""
+    """||g - g*|| / ||g*|| at x + sigma_t*eps, sigma_t = ratio * SIGMA0, and for the in-plane part alone
+    ("<model> plane"): the 2-D pull that picks a mode is 5-15x smaller than the off-plane v / sigma0^2,
+    so a small total error can hide a useless in-plane field."""
     levels = torch.linspace(cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.BATCH)
-    errors = {key: [] for name in nets for key in (name, name + " plane", name + " gain")}
+    errors = {key: [] for name in nets for key in (name, name + " plane")}
     for ratio in PROBE_RATIOS:
         x = toy.sample(cfg.N_PROBE, gen)
         x_noisy = x + ratio * cfg.SIGMA0 * torch.randn(x.shape, generator=gen)
@@ -263,7 +229,6 @@ def gradient_errors(toy, nets, cfg, gen):
             errors[name].append(((g - targets[name]).norm(dim=1) / targets[name].norm(dim=1)).mean().item())
             g_u, t_u = g @ toy.Q, targets[name] @ toy.Q  # (n, 2) in-plane coordinates
             errors[name + " plane"].append(((g_u - t_u).norm(dim=1) / t_u.norm(dim=1)).mean().item())
-            errors[name + " gain"].append((g_u.norm(dim=1).mean() / t_u.norm(dim=1).mean()).item())  # 1 = right strength
     return errors
 
 
@@ -279,6 +244,11 @@ def langevin(grad_fn, x, temps, step_size, gen):
     for T in temps:
         x = x - 0.5 * step_size**2 * grad_fn(x) + math.sqrt(max(T, 0)) * step_size * torch.randn(x.shape, generator=gen)
     return x.detach()
+
+
+def tweedie_step(grad_fn, x, sigma0):
+    """Final denoise: E[x | x~] = x~ + sigma0^2 grad log q_sigma0(x~) = x~ - sigma0^2 grad E(x~) (Tweedie)."""
+    return (x - sigma0**2 * grad_fn(x)).detach()
 
 
 def sample_quality(toy, x):
@@ -305,8 +275,8 @@ def run_samplers(toy, nets, cfg, gen):
     for name, grad_fn in fields.items():
         # plain Langevin at T = 1 for the single-noise energy, MDSM's annealing for the multiscale one
         x = langevin(grad_fn, x0.clone(), [1.0] * len(temps) if "single" in name else temps, cfg.STEP_SIZE, gen)
-        x = x - cfg.SIGMA0**2 * grad_fn(x)  # final denoise (Tweedie at sigma0)
-        out[name] = (sample_quality(toy, x), x.detach())
+        x = tweedie_step(grad_fn, x, cfg.SIGMA0)
+        out[name] = (sample_quality(toy, x), x)
     return out
 
 
@@ -315,11 +285,10 @@ def save_figure(conc, results, cfg, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
     for d, r in conc:  # (a) radii concentrate: histogram of ||eps|| / sqrt(d)
         ax[0, 0].hist((r / math.sqrt(d)).numpy(), bins=60, range=(0, 2), histtype="step", density=True, label=f"d={d}")
-    ax[0, 0].set(title="(a) ||x~ - x|| / (sigma sqrt d): a thin shell in high d", xlabel="radius / (sigma sqrt d)")
+    ax[0, 0].set(title="(a) ||x~ - x|| / (sigma sqrt d): a thin shell in high d", xlabel="radius / (sigma sqrt d)", ylabel="density")
     ax[0, 0].legend(fontsize=8)
     dims = [d for d, _ in results]
     for j, (name, title) in enumerate([("single", "(b) single-noise DSM: grad error (dashed: in-plane)"),
@@ -332,40 +301,83 @@ def save_figure(conc, results, cfg, path):
         if name == "multi":
             a.axvspan(cfg.SIGMA_MIN / cfg.SIGMA0, cfg.SIGMA_MAX / cfg.SIGMA0, color="g", alpha=0.08, label="MDSM sigma range")
         a.set(xscale="log", yscale="log", title=title, xlabel="probe sigma_t / sigma0 (distance / single shell radius)",
-              ylabel="||g - g*|| / ||g*||", ylim=(1e-2, 1e2))
+              ylabel="||g - g*|| / ||g*||", ylim=(1e-3, 1e2))
         a.legend(fontsize=8)
     for name, style in [("single", "o-"), ("single oracle", "o:"), ("multi", "s-"), ("multi oracle", "s:")]:
         ax[1, 0].plot(dims, [res["samples"][name][0]["tv"] for _, res in results], style, label=name)
         ax[1, 1].plot(dims, [res["samples"][name][0]["on_data"] for _, res in results], style, label=name)
-    ax[1, 0].set(xscale="log", title="(d) mode-weight error (TV) of samples", xlabel="d", ylim=(0, 1))
-    ax[1, 1].set(xscale="log", title="(e) fraction of samples on the data", xlabel="d", ylim=(-0.02, 1.02))
+    ax[1, 0].set(xscale="log", title="(d) mode-weight error of samples (0 = exact)", xlabel="d", ylabel="total variation", ylim=(0, 1))
+    ax[1, 1].set(xscale="log", title="(e) fraction of samples on the data (1 = exact)", xlabel="d", ylabel="fraction", ylim=(-0.02, 1.02))
     for a in ax[1, :2]:
         a.legend(fontsize=8)
+        a.set_xticks(dims, [str(d) for d in dims], minor=False)
+        a.set_xticks([], minor=True)
     d, res = results[-1]  # (f) in-plane view of the samples at the largest d
-    for name, color in [("single", "tab:red"), ("multi", "tab:blue")]:
-        u = res["samples"][name][1] @ res["toy"].Q
-        ax[1, 2].scatter(u[:, 0], u[:, 1], s=4, alpha=0.5, color=color, label=name)
-    ax[1, 2].scatter(*res["toy"].centers.T, marker="x", color="k", s=80, label="modes (0.6/0.3/0.1)")
-    ax[1, 2].set(title=f"(f) samples, in-plane coordinates, d={d}", xlim=(-1.5, 1.5), ylim=(-1.5, 1.5), aspect="equal")
-    ax[1, 2].legend(fontsize=8)
+    toy, colors = res["toy"], {"single": "tab:blue", "multi": "tab:green"}  # the colours of (d) and (e)
+    u = {name: torch.nan_to_num(res["samples"][name][1] @ toy.Q, nan=1e3).clamp(-1e3, 1e3) for name in colors}
+    reach = torch.cat([v.abs().max(1).values for v in u.values()])  # (2n,) how far out each sample lies
+    lim = min(max(1.0, 1.1 * reach.max().item()), 3.0)  # all in view up to 5x the mode radius, the rest counted
+    outside = int((reach > lim).sum())
+    for name, color in colors.items():
+        ax[1, 2].scatter(u[name][:, 0], u[name][:, 1], s=4, alpha=0.5, color=color, label=f"{name} (learned)")
+    for k, c in enumerate(toy.centers):  # the 'on the data' region of each mode
+        ax[1, 2].add_patch(plt.Circle(c.tolist(), 4 * toy.s, fill=False, color="k", lw=0.8,
+                                      label="on-data region (4 mode std)" if k == 0 else None))
+    ax[1, 2].scatter(*toy.centers.T, marker="x", color="k", s=60, label="modes (weights 0.6/0.3/0.1)")
+    title = f"(f) samples in the data plane, d={d}" + (f" ({outside} off-frame)" if outside else "")
+    ax[1, 2].set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal",
+                 xlabel="in-plane coordinate u1", ylabel="in-plane coordinate u2")
+    ax[1, 2].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+# smallest allowed value of each integer knob; the float knobs below must be > 0
+INT_MINIMUM = {"SEED": 0, "THREADS": 0, "CONC_SAMPLES": 2, "LATENT": 1, "HIDDEN": 1, "STEPS": 1, "BATCH": 2,
+               "LOG_EVERY": 1, "N_PROBE": 1, "N_CHAINS": 1, "WARM_STEPS": 0, "ANNEAL_STEPS": 0, "COOL_STEPS": 0}
+POSITIVE = ("SIGMA0", "SIGMA_MIN", "SIGMA_MAX", "MODE_STD", "MODE_RADIUS", "LR", "INIT_STD", "STEP_SIZE")
+
+
+def check_config(cfg):
+    """Every knob in its range, else one line naming the knob and what is allowed."""
+    def refuse(knob, allowed):
+        raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is not allowed; allowed: {allowed}")
+    for knob, low in INT_MINIMUM.items():
+        if getattr(cfg, knob) < low:
+            refuse(knob, f"an integer >= {low}")
+    for knob in POSITIVE:
+        if not 0 < getattr(cfg, knob) < math.inf:
+            refuse(knob, "a finite number > 0")
+    if cfg.SIGMA_MAX <= cfg.SIGMA_MIN:
+        refuse("SIGMA_MAX", f"a number > --sigma_min={cfg.SIGMA_MIN}")
+    if not 1 <= cfg.T_MAX < math.inf:
+        refuse("T_MAX", "a finite temperature >= 1 (the anneal runs from t_max down to 1)")
+    if cfg.ENERGY not in ("subspace", "mlp"):
+        refuse("ENERGY", "subspace or mlp")
+    for knob, low in (("DIMS", 2), ("CONC_DIMS", 1)):  # the data plane is 2-D, so the toy needs d >= 2
+        if not all(text.strip().isdigit() and int(text) >= low for text in getattr(cfg, knob).split(",")):
+            refuse(knob, f"comma-separated integers >= {low}, e.g. 2,16,128")
+
+
+def check_writable(folder):
+    """Fail before any work, not at the first save, when the figure cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, ".write_test"), "w").close()
+        os.remove(os.path.join(folder, ".write_test"))
+    except OSError as err:
+        raise SystemExit(f"error: --out_dir={folder} is not writable ({err.strerror}); allowed: a writable folder")
+
+
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    try:
-        dims = [int(s) for s in cfg.DIMS.split(",")]
-        [int(s) for s in cfg.CONC_DIMS.split(",")]
-    except ValueError:
-        raise SystemExit("error: --dims and --conc_dims are comma-separated integers, e.g. --dims=2,16,128")
-    if min(dims) < 2 or not 0 < cfg.SIGMA_MIN < cfg.SIGMA_MAX:
-        raise SystemExit("error: every d must be >= 2 (the data plane is 2-D) and 0 < sigma_min < sigma_max")
+    check_config(cfg)
+    dims = [int(text) for text in cfg.DIMS.split(",")]
+    check_writable(cfg.OUT_DIR)
     pick_device(cfg.DEVICE)  # the toy runs on the CPU; this only validates the knob
-    if cfg.THREADS > 0:
-        torch.set_num_threads(cfg.THREADS)
+    torch.set_num_threads(cfg.THREADS or torch.get_num_threads())  # 0 = keep torch's default
     set_seed(cfg.SEED)
     gen = torch.Generator().manual_seed(cfg.SEED)
     t0 = time.time()
@@ -378,19 +390,12 @@ def main(argv=None):
         nets = {"single": train(toy, False, cfg, gen, "single"), "multi": train(toy, True, cfg, gen, "multi")}
         results.append((d, {"toy": toy, "errors": gradient_errors(toy, nets, cfg, gen),
                             "samples": run_samplers(toy, nets, cfg, gen)}))
-    print("\ngradient error ||g - g*|| / ||g*|| at x + sigma_t*eps (ratio = sigma_t / sigma0; 1 = single shell)")
-    print(f"{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
-    for d, res in results:
-        for name in ("single", "multi"):
-            print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name]))
-    print("\nthe same error for the in-plane part of g only (the 2-D pull towards the modes)")
-    print(f"{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
-    for d, res in results:
-        for name in ("single", "multi"):
-            print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name + " plane"]))
-    print(f"{'':>5} {'':>7} in-plane strength |g| / |g*| of the MDSM field (1 = right; the exact one grows with T):")
-    for d, res in results:
-        print(f"{d:>5} {'multi':>7} " + " ".join(f"{e:7.3f}" for e in res["errors"]["multi gain"]))
+    for title, part in (("gradient error ||g - g*|| / ||g*|| at x + sigma_t*eps (ratio = sigma_t / sigma0; 1 = single shell)", ""),
+                        ("the same error for the in-plane part of g only (the 2-D pull towards the modes)", " plane")):
+        print(f"\n{title}\n{'d':>5} {'model':>7} " + " ".join(f"{r:>7g}" for r in PROBE_RATIOS))
+        for d, res in results:
+            for name in ("single", "multi"):
+                print(f"{d:>5} {name:>7} " + " ".join(f"{e:7.3f}" for e in res["errors"][name + part]))
     print(f"\nsamples from N(0, {cfg.INIT_STD}^2 I) after {len(temperatures(cfg))} Langevin steps + denoise "
           f"(exact samples: tv ~0.02, plane 0, on data 1.00, weights 0.60/0.30/0.10)")
     print(f"{'d':>5} {'sampler':>14} {'tv':>6} {'plane':>9} {'on data':>8}  mode weights")
@@ -398,12 +403,11 @@ def main(argv=None):
         for name, (q, _) in res["samples"].items():
             print(f"{d:>5} {name:>14} {q['tv']:6.3f} {q['plane']:9.3g} {q['on_data']:8.2f}  "
                   + "/".join(f"{f:.2f}" for f in q["freq"]))
-    d, res = results[-1]
-    e, q = res["errors"], {name: v[0] for name, v in res["samples"].items()}
-    print(f"\nreading (d = {d}): 10x outside the single shell the gradient error is {e['single'][-1]:.2f} (single) vs "
-          f"{e['multi'][-1]:.2f} (MDSM); annealing with MDSM's exact field puts {q['multi oracle']['on_data']:.2f} of the "
-          f"samples on the data (TV {q['multi oracle']['tv']:.2f}), the learned MDSM energy {q['multi']['on_data']:.2f}: "
-          f"its in-plane error near the data is {e['multi plane'][0]:.2f} although its total error there is {e['multi'][0]:.2f}")
+    e, q = results[-1][1]["errors"], {name: v[0] for name, v in results[-1][1]["samples"].items()}
+    print(f"\nreading (d = {results[-1][0]}): 10x outside the single shell the in-plane gradient error is "
+          f"{e['single plane'][-1]:.2f} (single) vs {e['multi plane'][-1]:.2f} (MDSM); on the data: MDSM "
+          f"{q['multi']['on_data']:.2f} (oracle {q['multi oracle']['on_data']:.2f}), mode-weight TV: single "
+          f"{q['single']['tv']:.2f} (oracle {q['single oracle']['tv']:.2f}), MDSM {q['multi']['tv']:.2f}")
     path = os.path.join(cfg.OUT_DIR, "02_single_noise_failure.png")
     save_figure(conc, results, cfg, path)
     print(f"\nwrote {path} | total {time.time() - t0:.0f} s")
