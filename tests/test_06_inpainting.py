@@ -253,12 +253,21 @@ def test_bad_options_give_one_line_errors(m, tiny_checkpoint, tmp_path, args, wo
     assert text.startswith("error:") and words in text and "\n" not in text, text
 
 
-def test_unwritable_out_dir_and_a_broken_checkpoint_are_refused_before_any_work(m, tiny_checkpoint, tmp_path):
+def test_unwritable_out_dir_and_a_broken_checkpoint_are_refused_before_any_work(m, tiny_checkpoint, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit) as info:  # a folder inside a file can never be created, even as root
         m.main([f"--ckpt={tiny_checkpoint}", f"--out_dir={blocker}/out"])
     assert str(info.value).startswith("error: --out_dir=") and "not writable" in str(info.value)
+
+    def refuse(*args, **kw):  # an existing folder without write permission (root ignores chmod, so simulate it)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(m.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit) as info:
+        m.main([f"--ckpt={tiny_checkpoint}", f"--out_dir={tmp_path}"])
+    assert str(info.value) == f"error: --out_dir={tmp_path} is not writable (Permission denied); pass a folder you can write"
+    monkeypatch.undo()
     junk = tmp_path / "junk.pt"
     junk.write_text("this is not a checkpoint")
     with pytest.raises(SystemExit) as info:
