@@ -14,8 +14,8 @@ samplers that ignore m. Expected: posterior-mean errors 0.05-0.2 (floor ~0.04); 
 
   python 06_inpainting.py                                   # CPU, ~40 s: exact Gaussian checks
   python 06_inpainting.py --ckpt=out/03_mdsm_train/ckpt.pt  # restore test images (GPU: minutes)
-  python 06_inpainting.py --ckpt=CKPT --tasks=right,centre,sr4 --n_samples=2 \\
-      --n_hot=100 --n_anneal=400 --n_cool=50                # CPU, 16x16 laptop model: minutes
+  python 06_inpainting.py --ckpt=CKPT --tasks=right,centre,random,sr2,sr4 \\
+      --n_samples=2                                         # 16x16 laptop model of 03: ~7 min on 2 CPU cores
 Outputs in out/06_inpainting/: toy_gaussian.png; with --ckpt a grid per task, PSNR beside trivial fills.
 """
 import math
