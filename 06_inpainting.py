@@ -1,36 +1,27 @@
 """06 - Inpainting and other linear inverse problems with a learned energy.
 
-A density model earns its keep by solving problems it was not trained for. Given measurements
-m = M x of an image x (M: a pixel mask, 2x2 block averages, random projections), we sample the
-posterior p(x | M x = m) using only the prior that the energy E(x) of 03 has learned. Two samplers:
+Given measurements m = M x of an image x (M: a pixel mask, 2x2 block averages, random projections)
+we sample the posterior p(x | M x = m) using only the prior that the energy E(x) of 03 learned:
+1. Masked annealed Langevin (Li, Chen & Sommer, arXiv 1910.07762, "Inpainting"): only the unknown
+   pixels (mask = 1) move, x <- x - 0.5 s^2 grad E(x) * mask + sqrt(T) s xi * mask, and before each
+   energy evaluation the known pixels are re-noised to x_known + sigma0 sqrt(T) z, the noise level
+   of exp(-E/T) ~ q_sigma at the MDSM optimum (the authors' code: 0.1 T^(1/4), --known_noise=quarter).
+2. Kadkhodaie & Simoncelli's coarse-to-fine projected ascent (NeurIPS 2021, Alg. 2), which needs only
+   a blind denoiser; MDSM gives one for every level: D(y) = y - sigma0^2 grad E(y).
+With no arguments both are checked against the EXACT posterior of a Gaussian prior on 8x8 images for
+inpainting and 2x2 block averaging, beside exact draws (the Monte Carlo floor) and unconstrained
+samplers that ignore m. Expected: posterior-mean errors 0.05-0.2 (floor ~0.04); unconstrained ~2-3.
 
-1. Masked annealed Langevin (MDSM paper, "Inpainting"; Li, Chen & Sommer, arXiv 1910.07762):
-   the MDSM rule x <- x - 0.5 s^2 grad E(x) + sqrt(T) s xi moves only the unknown pixels, while
-   the known ones are re-noised to the current noise level before each energy evaluation.
-   Why that level: MDSM's optimum is sigma0^2 grad E(y) = y - E[x|y] = -sigma^2 grad log q_sigma(y)
-   for y = x + sigma z, so exp(-E/T) ~ q_sigma with T = sigma^2/sigma0^2, i.e.
-   E = T * (-log q_sigma) + const. At temperature T the chain samples the data blurred by noise of
-   std sigma0*sqrt(T), and the known pixels must carry that same noise (the authors' code uses
-   0.1*T^(1/4); compare with --known_noise=quarter).
-2. The stochastic coarse-to-fine projected sampler of Kadkhodaie & Simoncelli ("Solving linear
-   inverse problems using the prior implicit in a denoiser", NeurIPS 2021, Algorithm 2). It needs
-   only a blind denoiser D(y); the MDSM energy gives one for every noise level at once:
-   D(y) = y - sigma0^2 grad E(y) (Tweedie/Miyasawa, the line above, with no T in it).
-
-With no arguments the file checks both samplers against EXACT answers: images are 8x8 draws from
-a correlated Gaussian N(mu, S), whose noisy densities N(mu, S + sigma^2 I), denoisers and
-posteriors p(x | M x = m) are all closed form. It prints how far the samplers' posterior mean and
-covariance are from the exact ones, for inpainting and for 2x block averaging, next to an
-unconstrained sampler that ignores the measurements (which must fail the same comparison).
-With --ckpt it inpaints / super-resolves / compressively senses test images with a trained model.
-
-  python 06_inpainting.py                                # CPU, ~1 min: exact Gaussian checks
-  python 06_inpainting.py --ckpt=out/03_mdsm_train/ckpt.pt    # GPU: minutes; CPU: slow (2700 steps)
-Outputs: out/06_inpainting/toy_gaussian.png, and with --ckpt one grid per task plus a PSNR table.
+  python 06_inpainting.py                                   # CPU, ~40 s: exact Gaussian checks
+  python 06_inpainting.py --ckpt=out/03_mdsm_train/ckpt.pt  # restore test images (GPU: minutes)
+  python 06_inpainting.py --ckpt=CKPT --tasks=right,centre,random,sr2,sr4 \\
+      --n_samples=2                                         # 16x16 laptop model of 03: ~7 min on 2 CPU cores
+Outputs in out/06_inpainting/: toy_gaussian.png; with --ckpt a grid per task, PSNR beside trivial fills.
 """
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -43,7 +34,7 @@ OUT_DIR = "out/06_inpainting"  # where figures and grids go
 CKPT = ""                 # path to a 03 checkpoint; empty = run the exact Gaussian checks only
 USE_EMA = False           # load the checkpoint's EMA weights (if it has them)
 # -- the Gaussian toy (exact posteriors) --
-TOY_SIZE = 8              # toy images are TOY_SIZE x TOY_SIZE, one channel
+TOY_SIZE = 8              # toy images are TOY_SIZE x TOY_SIZE, one channel (even, >= 4)
 TOY_LENGTH = 3.0          # correlation length of the stationary covariance, pixels
 TOY_STD = 0.2             # pixel standard deviation of the toy prior (mean 0.5)
 TOY_NUGGET = 0.02         # independent pixel noise std added to S (keeps S well conditioned)
@@ -60,8 +51,8 @@ KNOWN_NOISE = "sqrt"      # noise std on known pixels: sqrt = sigma0*sqrt(T) (de
 # -- projected coarse-to-fine sampler (Kadkhodaie & Simoncelli) --
 KS_SIGMA_START = 1.0      # std of the initial image y0 ~ N(0.5, KS_SIGMA_START^2 I)
 KS_SIGMA_END = 0.01       # stop when the estimated noise level sigma_k falls below this
-KS_H0 = 0.01              # initial step h0; h_k = h0 k / (1 + h0 (k - 1)) grows to 1
-KS_BETA = 0.01            # noise injection: 1 = none (deterministic ascent), small = much
+KS_H0 = 0.01              # initial step h0 in (0, 1]; h_k = h0 k / (1 + h0 (k - 1)) grows to 1
+KS_BETA = 0.01            # noise injection in (0, 1]: 1 = none (deterministic ascent), small = much
 KS_MAX_STEPS = 3000       # safety cap on iterations
 # -- checkpoint mode --
 DATASET = ""              # images to restore; empty = the checkpoint's own DATASET
@@ -69,58 +60,46 @@ DATA_DIR = ""             # folder of the datasets; empty = the checkpoint's own
 N_IMAGES = 8              # test images per task
 N_SAMPLES = 4             # posterior samples per image (their mean is the estimate)
 TASKS = "right,centre,random,sr2,sr4,cs"  # comma list of: right, centre, random, sr2, sr4, cs
-RANDOM_KEEP = 0.3         # fraction of pixels observed for the 'random' mask
-CS_KEEP = 0.25            # measurements / pixels for compressive sensing ('cs')
+RANDOM_KEEP = 0.3         # fraction of pixels observed for the 'random' mask, in (0, 1)
+CS_KEEP = 0.25            # measurements / pixels for compressive sensing ('cs'), in (0, 1]
 MASK_SAMPLER = "langevin" # sampler for the pixel masks: langevin (MDSM) | projected (K&S)
 BATCH = 64                # images per sampler call (memory knob)
 
 # The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+ALL_TASKS = ("right", "centre", "random", "sr2", "sr4", "cs")
 
 
-# ---- measurement operators: M has orthonormal rows, so its pseudo-inverse is M^T ----
+# ---- measurement operators (the data of an inverse problem): m = M x, M with orthonormal rows ----
 def mask_operator(mask):
-    """Pixel mask (C, H, W), 1 = unknown, 0 = observed -> M (m, d): the rows of I that read the
-    observed pixels."""
+    """Pixel mask (C, H, W), 1 = unknown, 0 = observed -> M (m, d): the rows of I reading observed pixels."""
     keep = (mask.flatten() == 0).nonzero().squeeze(1)
     return torch.eye(mask.numel())[keep]  # (m, d)
 
 
 def block_average_operator(shape, factor):
-    """Super-resolution: each row averages one factor x factor block of one channel. The rows are
-    normalised (entries 1/factor) so that M M^T = I; m = M x is then factor * the block mean."""
+    """Super-resolution: each row averages a factor x factor block of one channel, entries 1/factor so
+    that M M^T = I; m = factor * block means, M^T m repeats them over the block (nearest neighbour)."""
     c, h, w = shape
     idx = torch.arange(c * h * w).view(c, h // factor, factor, w // factor, factor)
     rows = idx.permute(0, 1, 3, 2, 4).reshape(-1, factor * factor)  # (m, factor^2) pixel indices
-    M = torch.zeros(rows.shape[0], c * h * w)
-    M.scatter_(1, rows, 1.0 / factor)
-    return M  # (m, d)
-
-
-def random_orthonormal_operator(d, m, generator):
-    """Compressive sensing: m random orthonormal rows (QR of a Gaussian matrix)."""
-    q, _ = torch.linalg.qr(torch.randn(d, m, generator=generator))
-    return q.T.contiguous()  # (m, d)
+    return torch.zeros(rows.shape[0], c * h * w).scatter_(1, rows, 1.0 / factor)  # (m, d)
 
 
 def named_mask(kind, shape, keep, generator):
-    """right: the right half is unknown; centre: a central square of half the side; random:
-    each pixel observed with probability keep (the same pixels in every channel)."""
+    """right half unknown | centre square of half the side | random: each pixel observed w.p. keep."""
     c, h, w = shape
     mask = torch.zeros(1, h, w)
     if kind == "right":
         mask[:, :, w // 2:] = 1
     elif kind == "centre":
         mask[:, h // 4:h - h // 4, w // 4:w - w // 4] = 1
-    elif kind == "random":
+    else:  # random
         mask = (torch.rand(1, h, w, generator=generator) > keep).float()
-    else:
-        raise SystemExit(f"error: unknown mask {kind!r}; use right, centre or random")
     return mask.expand(c, h, w).contiguous()
 
 
 def orthogonal_completion(M):
-    """Q (d, d) orthogonal whose first m rows are M: rotating x into z = Q x turns any M with
-    orthonormal rows into a pixel mask on z (the first m coordinates are the measurements)."""
+    """Q (d, d) orthogonal with first rows M: in z = Q x the measurements are the first m coordinates."""
     m, d = M.shape
     q, _ = torch.linalg.qr(torch.cat([M.T, torch.randn(d, d - m, dtype=M.dtype)], 1))
     q = q.T.contiguous()
@@ -130,9 +109,8 @@ def orthogonal_completion(M):
 
 # ---- the Gaussian toy: prior N(mu, S) over TOY_SIZE x TOY_SIZE images, all answers exact ----
 def gaussian_prior(cfg):
-    """Stationary covariance S_ij = v exp(-|p_i - p_j| / l) + nugget^2 delta_ij (exponential
-    kernel: smooth enough to look like images, rough enough that a missing pixel is predicted by
-    its observed neighbours rather than by tiny derivatives no noisy sampler can read)."""
+    """S_ij = v exp(-|p_i - p_j| / l) + nugget^2 delta_ij: an exponential kernel, rough enough that a
+    missing pixel is predicted by its observed neighbours, not by derivatives no noisy sampler reads."""
     n = cfg.TOY_SIZE
     yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     p = torch.stack([yy.flatten(), xx.flatten()], 1).double()  # (d, 2) pixel coordinates
@@ -148,74 +126,53 @@ def gaussian_posterior(mu, S, M, m):
     return mu + gain @ (m - M @ mu), S - gain @ SMt.T
 
 
-def gaussian_mdsm_energy(mu, S, sigma0):
-    """T -> the energy an ideal MDSM model has at temperature T for Gaussian data:
-    E_T(x) = T * (-log q_sigma(x)) = (T/2) (x - mu)^T (S + sigma^2 I)^-1 (x - mu) + const,
-    sigma = sigma0 sqrt(T); then sigma0^2 grad E_T = sigma^2 (S + sigma^2 I)^-1 (x - mu) = x - D(x).
-    (A trained network is one E for all T: in high dimension the levels sit on disjoint shells.)"""
+def gaussian_mdsm_energy(x, T, mu, eig, sigma0):
+    """The ideal MDSM energy at temperature T for data N(mu, S), x (B, ...) -> (B,), sigma = sigma0 sqrt(T):
+    E_T(x) = T (-log q_sigma(x)) = (T/2) (x - mu)^T (S + sigma^2 I)^-1 (x - mu) + const, so that
+    sigma0^2 grad E_T = x - D(x) (Tweedie). eig = (lam, U) = torch.linalg.eigh(S) in float32."""
+    lam, U = eig
+    u = (x.reshape(x.shape[0], -1) - mu.float()) @ U  # (B, d) coordinates in S's eigenbasis
+    return 0.5 * (u * u * (float(T) / (lam + sigma0**2 * float(T)))).sum(1)
+
+
+def gaussian_blind_denoise(y, mu, S):
+    """D(y) = E[x | y] for an unknown noise level, y (B, d) -> (B, d): sigma^2 by maximum likelihood under
+    y ~ N(mu, S + sigma^2 I) (bisection), then mu + S (S + sigma^2 I)^-1 (y - mu). Reads the noise off y."""
     lam, U = (t.float() for t in torch.linalg.eigh(S))
-    mu = mu.float()
-
-    def energy_at(T):
-        scale = T / (lam + sigma0**2 * T)  # (d,) eigenvalues of T (S + sigma^2 I)^-1
-
-        def energy(x):  # x (B, ...) with d entries per item -> (B,)
-            u = (x.reshape(x.shape[0], -1) - mu) @ U  # coordinates in S's eigenbasis
-            return 0.5 * (u * u * scale).sum(1)
-        return energy
-    return energy_at
-
-
-def gaussian_blind_denoiser(mu, S):
-    """D(y) = E[x | y] when the noise level is unknown: estimate sigma^2 by maximum likelihood
-    under y ~ N(mu, S + sigma^2 I) (bisection on log sigma^2), then apply the exact Gaussian
-    denoiser mu + S (S + sigma^2 I)^-1 (y - mu). Like a blind CNN, it reads the noise off y."""
-    lam, U = (t.float() for t in torch.linalg.eigh(S))
-    mu = mu.float()
-
-    def denoise(y):  # (B, d) -> (B, d)
-        u2 = ((y - mu) @ U) ** 2  # (B, d) squared coordinates in S's eigenbasis
-        lo, hi = torch.full((y.shape[0], 1), -20.0), torch.full((y.shape[0], 1), 5.0)
-        for _ in range(40):  # d/ds2 log N = 0.5 sum(u2/(lam+s2)^2 - 1/(lam+s2)), decreasing in s2
-            mid = (lo + hi) / 2
-            v = lam + mid.exp()
-            up = ((u2 / v - 1) / v).sum(1, keepdim=True) > 0
-            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-        shrink = lam / (lam + ((lo + hi) / 2).exp())  # (B, d) per-eigendirection Wiener gain
-        return mu + ((y - mu) @ U * shrink) @ U.T
-    return denoise
+    u = (y - mu.float()) @ U  # (B, d) coordinates in S's eigenbasis
+    lo, hi = torch.full((y.shape[0], 1), -20.0), torch.full((y.shape[0], 1), 5.0)
+    for _ in range(40):  # d/ds2 log N = 0.5 sum(u^2/(lam+s2)^2 - 1/(lam+s2)), decreasing in s2
+        mid = (lo + hi) / 2
+        v = lam + mid.exp()
+        up = ((u * u / v - 1) / v).sum(1, keepdim=True) > 0
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    shrink = lam / (lam + ((lo + hi) / 2).exp())  # (B, d) per-eigendirection Wiener gain
+    return mu.float() + (u * shrink) @ U.T
 
 
 # ---- the two samplers ----
-def known_noise_fn(cfg, sigma0):
-    if cfg.KNOWN_NOISE == "sqrt":
-        return lambda T: sigma0 * torch.as_tensor(T).clamp(min=0) ** 0.5  # sigma0 sqrt(T), as derived
-    if cfg.KNOWN_NOISE == "quarter":
-        return lambda T: 0.1 * torch.as_tensor(T).clamp(min=0) ** 0.25  # the authors' code
-    raise SystemExit(f"error: --known_noise={cfg.KNOWN_NOISE} is not a choice; use sqrt or quarter")
-
-
-def masked_langevin(energy, x_known, mask, cfg, sigma0, constrained=True):
-    """MDSM inpainting with 04's annealed_langevin. energy is either a model (one E for every T,
-    as MDSM trains it) or a function T -> E_T (the exact Gaussian energies), in which case we call
-    the sampler one temperature at a time. mask: 1 = generate, 0 = known (x_known there)."""
-    sampler = sampler_module()
-    temps = sampler.mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.T_MAX)
-    # MDSM's init: x = 0.5 + N(0, I) on the unknown pixels
-    x = torch.where(mask > 0, 0.5 + torch.randn_like(x_known), x_known)
-    kw = dict(mask=mask, x_known=x_known, known_noise_std=known_noise_fn(cfg, sigma0)) if constrained else {}
-    if isinstance(energy, torch.nn.Module):
-        x, _ = sampler.annealed_langevin(energy, x, temps.to(x.device), cfg.STEP_SIZE, show_progress=True, **kw)
-        return x
-    for k in range(len(temps)):
-        x, _ = sampler.annealed_langevin(energy(float(temps[k])), x, temps[k:k + 1], cfg.STEP_SIZE, **kw)
-    return x
+def masked_langevin(energy_fn, x_known, mask, temperatures, step_size, sigma0, rule="sqrt", show_progress=False):
+    """MDSM inpainting: annealed Langevin in which only the pixels with mask = 1 move. energy_fn(x, T)
+    -> (B,) (a trained MDSM net ignores T); x_known (B, ...) holds the known pixels (mask = 0); a mask
+    of ones is the unconstrained sampler. Returns x with the known pixels exactly x_known."""
+    sampler = load_numbered("04_langevin_sampling.py")  # 04's grad_energy and langevin_step, reused
+    x = torch.where(mask > 0, 0.5 + torch.randn_like(x_known), x_known)  # MDSM's init 0.5 + N(0, I)
+    t_start = time.time()
+    for k, T in enumerate(temperatures):  # T: a 0-dim tensor (on the device for a model)
+        # the known pixels get fresh noise of the current level sigma0 sqrt(T) (or the authors' 0.1 T^(1/4))
+        std = 0.1 * T.clamp(min=0) ** 0.25 if rule == "quarter" else sigma0 * T.clamp(min=0) ** 0.5
+        x = mask * x + (1 - mask) * (x_known + std * torch.randn_like(x))
+        grad = sampler.grad_energy(lambda z: energy_fn(z, T), x)  # grad_x E, like x
+        # x <- x - 0.5 s^2 grad E(x) * mask + sqrt(T) s xi * mask
+        x = sampler.langevin_step(x, grad * mask, T, step_size, torch.randn_like(x) * mask)
+        if show_progress:
+            progress(k + 1, len(temperatures), t_start, "Langevin steps")
+    return mask * x + (1 - mask) * x_known
 
 
 def projected_sampler(denoise, M, m, cfg, constrained=True):
-    """Kadkhodaie & Simoncelli's stochastic coarse-to-fine ascent, projected onto M x = m.
-    denoise: y (B, d) -> D(y) (B, d); M (m, d) orthonormal rows; m (B, m) measurements.
-    Returns (B, d) with M x = m exactly (a last projection) and the number of iterations."""
+    """Kadkhodaie & Simoncelli's stochastic coarse-to-fine ascent projected onto M x = m: denoise (B, d)
+    -> (B, d), M (m, d) orthonormal rows, m (B, m). Returns (B, d) with M x = m exactly, and the steps."""
     B, d = m.shape[0], M.shape[1]
     y = 0.5 + cfg.KS_SIGMA_START * torch.randn(B, d, device=M.device)  # y0 ~ N(0.5, sigma^2 I)
     active = torch.ones(B, 1, dtype=torch.bool, device=M.device)
@@ -238,54 +195,44 @@ def projected_sampler(denoise, M, m, cfg, constrained=True):
 
 # ---- exact comparison on the Gaussian toy ----
 def posterior_errors(samples, mean, cov):
-    """Relative distances of the samples' mean and covariance from the exact posterior:
-    ||mean_hat - mean|| / sqrt(tr cov) (Monte Carlo floor ~ 1/sqrt(N)) and ||C_hat - C||_F / ||C||_F."""
+    """(||mean_hat - mean|| / sqrt(tr C), ||C_hat - C||_F / ||C||_F): samples vs the exact posterior."""
     x = samples.double().reshape(samples.shape[0], -1)  # (N, d)
-    c_hat = torch.cov(x.T)
-    mean_err = (x.mean(0) - mean).norm() / cov.trace().sqrt()
-    return float(mean_err), float((c_hat - cov).norm() / cov.norm())
+    return float((x.mean(0) - mean).norm() / cov.trace().sqrt()), float((torch.cov(x.T) - cov).norm() / cov.norm())
 
 
-def toy_task(name, M, truth, mu, S, cfg, mask=None, variants=True):
-    """Sample p(x | M x = m) several ways (plus exact draws) and compare with the closed form;
-    variants=False skips the two extra Langevin runs (other known-pixel noise, other step)."""
-    n, N = cfg.TOY_SIZE, cfg.TOY_CHAINS
-    d, m_dim = n * n, M.shape[0]
+def toy_task(name, M, truth, mu, S, cfg, mask=None):
+    """Sample p(x | M x = m) several ways (plus exact draws) and compare with the closed form."""
+    N, (m_dim, d) = cfg.TOY_CHAINS, M.shape
     meas = M.double() @ truth  # (m,) noise-free measurements
     mean, cov = gaussian_posterior(mu, S, M.double(), meas)
-    energy = gaussian_mdsm_energy(mu, S, cfg.SIGMA0)  # T -> E_T, exact
-    if mask is not None:  # pixel mask: sample directly on images (N, 1, n, n)
-        basis, mask_z = None, mask.expand(N, 1, n, n)
-        known = (truth.float() * (1 - mask.flatten())).view(1, 1, n, n).expand(N, 1, n, n)
-    else:  # any orthonormal M: rotate z = Q x, the measurements become the first m coordinates
-        basis = orthogonal_completion(M)  # (d, d)
-        mask_z = torch.cat([torch.zeros(m_dim), torch.ones(d - m_dim)]).expand(N, d)
-        known = torch.cat([meas.float(), torch.zeros(d - m_dim)]).expand(N, d)
-        energy = (lambda Q, e: lambda T: (lambda z: e(T)(z @ Q)))(basis, energy)
+    # any orthonormal M becomes a pixel mask after the rotation z = Q x (identity for a pixel mask)
+    Q = torch.eye(d) if mask is not None else orthogonal_completion(M)  # (d, d)
+    mask_z = torch.cat([torch.zeros(m_dim), torch.ones(d - m_dim)]) if mask is None else mask.flatten()
+    known = (Q @ truth.float()) * (1 - mask_z)  # (d,) the known coordinates of z (M x = m), 0 elsewhere
+    eig = tuple(t.float() for t in torch.linalg.eigh(S))  # (lam (d,), U (d, d))
+    temps = load_numbered("04_langevin_sampling.py").mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.T_MAX)
 
-    def langevin(constrained, known_noise, step_size=cfg.STEP_SIZE):
-        run_cfg = type(cfg)(**{**vars(cfg), "KNOWN_NOISE": known_noise, "STEP_SIZE": step_size})
-        z = masked_langevin(energy, known.clone(), mask_z, run_cfg, cfg.SIGMA0, constrained)
-        return z.reshape(N, d) if basis is None else z @ basis
+    def langevin(mask_run, rule="sqrt", step_size=cfg.STEP_SIZE):  # chains in z, returned as images x
+        z = masked_langevin(lambda z, T: gaussian_mdsm_energy(z @ Q, T, mu, eig, cfg.SIGMA0),
+                            known.expand(N, d), mask_run, temps, step_size, cfg.SIGMA0, rule)
+        return z @ Q
 
-    denoise = gaussian_blind_denoiser(mu, S)
     meas_b = meas.float().expand(N, m_dim)
     L = torch.linalg.cholesky(cov + 1e-10 * torch.eye(d, dtype=cov.dtype))
     runs = {"exact draws (Monte Carlo floor)": mean + torch.randn(N, d, dtype=cov.dtype) @ L.T}
     t0 = time.time()
-    runs["masked Langevin (MDSM), sigma0*sqrt(T)"] = langevin(True, "sqrt")
+    runs["masked Langevin (MDSM), sigma0*sqrt(T)"] = langevin(mask_z)
     t_lang = time.time() - t0
-    if variants:
-        runs["masked Langevin, authors' 0.1*T^(1/4)"] = langevin(True, "quarter")
-        runs[f"masked Langevin, step {cfg.TOY_STEP_SIZE} (not {cfg.STEP_SIZE})"] = langevin(True, "sqrt", cfg.TOY_STEP_SIZE)
+    runs["masked Langevin, authors' 0.1*T^(1/4)"] = langevin(mask_z, "quarter")
+    runs[f"masked Langevin, step {cfg.TOY_STEP_SIZE} (not {cfg.STEP_SIZE})"] = langevin(mask_z, "sqrt", cfg.TOY_STEP_SIZE)
     t0 = time.time()
+    denoise = lambda y: gaussian_blind_denoise(y, mu, S)  # noqa: E731 (one line, no nesting)
     runs["projected coarse-to-fine (K&S)"], steps = projected_sampler(denoise, M, meas_b, cfg)
     t_ks = time.time() - t0
-    runs["unconstrained Langevin (ignores m)"] = langevin(False, "sqrt")
+    runs["unconstrained Langevin (ignores m)"] = langevin(torch.ones(d))
     runs["unconstrained coarse-to-fine"] = projected_sampler(denoise, M, meas_b, cfg, False)[0]
     print(f"\n{name}: {m_dim} measurements of {d} pixels, {N} chains "
-          f"(Langevin {len(sampler_module().mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL))} steps "
-          f"{t_lang:.1f} s, K&S {steps} steps {t_ks:.1f} s)")
+          f"(Langevin {len(temps)} steps {t_lang:.1f} s, K&S {steps} steps {t_ks:.1f} s)")
     print(f"  {'sampler':<42} {'mean err':>9} {'cov err':>9} {'max|Mx-m|':>10}")
     results = {}
     for label, xs in runs.items():
@@ -305,46 +252,41 @@ def toy_experiment(cfg):
     print(f"toy prior: N(0.5, S) over {n}x{n} images, S_ij = {cfg.TOY_STD}^2 exp(-r/{cfg.TOY_LENGTH})"
           f" + {cfg.TOY_NUGGET}^2 delta_ij; errors: mean ||m_hat-m||/sqrt(tr C), cov ||C_hat-C||_F/||C||_F")
     mask = named_mask("right", (1, n, n), 0.0, None)
-    tasks = {"inpainting (right half unknown)": toy_task("inpainting (right half unknown)",
-                                                        mask_operator(mask), truth, mu, S, cfg, mask),
-             "2x2 block averages (super-resolution)": toy_task("2x2 block averages (super-resolution)",
-                                                            block_average_operator((1, n, n), 2), truth, mu, S, cfg)}
+    ops = {"inpainting (right half unknown)": (mask_operator(mask), mask),
+           "2x2 block averages (super-resolution)": (block_average_operator((1, n, n), 2), None)}
+    tasks = {name: toy_task(name, M, truth, mu, S, cfg, pixel_mask) for name, (M, pixel_mask) in ops.items()}
     plot_toy(tasks, truth, mask, cfg)
     return tasks
 
 
 def plot_toy(tasks, truth, mask, cfg):
     import matplotlib.pyplot as plt
-
     n = cfg.TOY_SIZE
-    img = lambda v: v.detach().double().reshape(n, n).numpy()
-    lang, ks, free = "masked Langevin (MDSM), sigma0*sqrt(T)", "projected coarse-to-fine (K&S)", "unconstrained Langevin (ignores m)"
-    fig, axes = plt.subplots(len(tasks), 11, figsize=(16.5, 1.9 * len(tasks) + 0.4))
+    lang, ks = "masked Langevin (MDSM), sigma0*sqrt(T)", "projected coarse-to-fine (K&S)"
+    fig, axes = plt.subplots(len(tasks), 11, figsize=(19, 2.1 * len(tasks) + 0.6), layout="constrained")
     for row, (name, t) in enumerate(tasks.items()):
-        runs = t["runs"]
-        if row == 0:
-            observed = np.where(img(mask) > 0, np.nan, img(truth))
-        else:  # show the low-resolution image M^T m
-            M = block_average_operator((1, n, n), 2).double()
-            observed = img(M.T @ t["meas"])
-        panels = [("observed (white: unknown)", observed), ("truth", img(truth)), ("exact mean", img(t["mean"])),
-                  ("Langevin mean", img(runs[lang].double().mean(0))), ("K&S mean", img(runs[ks].double().mean(0))),
-                  ("exact std", img(t["cov"].diagonal().clamp(min=0).sqrt())),
-                  ("Langevin std", img(runs[lang].double().std(0))), ("K&S std", img(runs[ks].double().std(0))),
-                  ("Langevin sample", img(runs[lang][0])), ("K&S sample", img(runs[ks][0])),
-                  ("unconstrained", img(runs[free][0]))]
+        runs = {k: v.detach().double().reshape(-1, n, n) for k, v in t["runs"].items()}
+        M = block_average_operator((1, n, n), 2).double()  # row 1 shows the low-resolution M^T m
+        observed = np.where(mask[0] > 0, np.nan, truth.view(n, n)) if row == 0 else (M.T @ t["meas"]).view(n, n)
+        panels = [("observed (white: unknown)", observed), ("truth", truth.view(n, n)), ("exact mean", t["mean"].view(n, n)),
+                  ("Langevin mean", runs[lang].mean(0)), ("K&S mean", runs[ks].mean(0)),
+                  ("Langevin sample", runs[lang][0]), ("K&S sample", runs[ks][0]),
+                  ("unconstrained sample", runs["unconstrained Langevin (ignores m)"][0]),
+                  ("exact std", t["cov"].diagonal().clamp(min=0).sqrt().view(n, n)),
+                  ("Langevin std", runs[lang].std(0)), ("K&S std", runs[ks].std(0))]
+        handles = {}
         for col, (title, a) in enumerate(panels):
-            ax = axes[row, col]
-            is_std = "std" in title
-            ax.imshow(a, cmap="magma" if is_std else "gray", vmin=0, vmax=cfg.TOY_STD if is_std else 1)
-            ax.set_xticks([]), ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=9)
-        axes[row, 0].set_ylabel(name.split(" (")[0], fontsize=9)
-    fig.suptitle("Posterior of a Gaussian prior: samplers vs the closed form (std maps on 0..%.1f)" % cfg.TOY_STD, fontsize=10)
-    fig.tight_layout()
+            ax, is_std = axes[row, col], "std" in title
+            im = ax.imshow(np.asarray(a), cmap="magma" if is_std else "gray", vmin=0, vmax=1.25 * cfg.TOY_STD if is_std else 1)
+            ax.set_xticks([0, n - 1]), ax.set_yticks([0, n - 1]), ax.tick_params(labelsize=7)
+            ax.set_title(title, fontsize=9) if row == 0 else None
+            handles[is_std] = im  # one image of each kind for the colour bars
+        axes[row, 0].set_ylabel(name.split(" (")[0] + "\nrow (pixel)", fontsize=9)
+        fig.colorbar(handles[False], ax=axes[row, :8], shrink=0.9, pad=0.01).set_label("pixel value", fontsize=8)
+        fig.colorbar(handles[True], ax=axes[row, 8:], shrink=0.9, pad=0.01).set_label("posterior std", fontsize=8)
+    fig.supxlabel("column (pixel)", fontsize=8)
+    fig.suptitle("Posterior of a Gaussian prior: samplers vs the closed form (std maps on the right)", fontsize=10)
     path = os.path.join(cfg.OUT_DIR, "toy_gaussian.png")
-    os.makedirs(cfg.OUT_DIR, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     print(f"\nwrote {path}")
@@ -365,36 +307,29 @@ def task_operator(task, shape, cfg, generator):
         return mask_operator(mask), mask
     if task in ("sr2", "sr4"):
         return block_average_operator(shape, int(task[2])), None
-    if task == "cs":
-        return random_orthonormal_operator(c * h * w, int(cfg.CS_KEEP * c * h * w), generator), None
-    raise SystemExit(f"error: unknown task {task!r} in --tasks; use right, centre, random, sr2, sr4, cs")
+    # cs, compressive sensing: random orthonormal rows (QR of a Gaussian matrix)
+    return torch.linalg.qr(torch.randn(c * h * w, int(cfg.CS_KEEP * c * h * w), generator=generator))[0].T, None
 
 
 def restore(model, M, mask, truth, cfg, sigma0):
     """Posterior samples (B, C, H, W) for the images truth (B, C, H, W) measured by M."""
-    sampler = sampler_module()
-    B, shape = truth.shape[0], truth.shape[1:]
-    m = truth.flatten(1) @ M.T  # (B, m) measurements
+    sampler = load_numbered("04_langevin_sampling.py")  # 04's schedule and Tweedie denoiser, reused
     if mask is not None and cfg.MASK_SAMPLER == "langevin":
-        mask_b = mask.expand_as(truth)
-        known = truth * (1 - mask_b)  # the sampler only ever reads the known pixels of truth
-        x = masked_langevin(model, known, mask_b, cfg, sigma0)
-        # MDSM's final one-step denoise (Tweedie at sigma0), applied to the generated pixels only
-        steps = cfg.N_HOT + cfg.N_ANNEAL + cfg.N_COOL
-        return torch.where(mask_b > 0, sampler.tweedie_denoise(model, x, sigma0), known), steps
+        mask = mask.expand_as(truth)
+        known = truth * (1 - mask)  # the sampler only ever reads the known pixels of truth
+        temps = sampler.mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.T_MAX).to(truth.device)
+        x = masked_langevin(lambda x, T: model(x), known, mask, temps, cfg.STEP_SIZE, sigma0, cfg.KNOWN_NOISE,
+                            show_progress=True)  # a trained MDSM net: one E for every T
+        # MDSM's final one-step denoise x - sigma0^2 grad E(x) (Tweedie at sigma0), generated pixels only
+        return torch.where(mask > 0, sampler.tweedie_denoise(model, x, sigma0), known), len(temps)
+    shape, m = truth.shape[1:], truth.flatten(1) @ M.T  # (B, m) measurements
     # D(y) = y - sigma0^2 grad E(y): a blind denoiser for every noise level MDSM was trained on
-    denoise = lambda y: sampler.tweedie_denoise(model, y.view(-1, *shape), sigma0).flatten(1)
+    denoise = lambda y: sampler.tweedie_denoise(model, y.view(-1, *shape), sigma0).flatten(1)  # noqa: E731
     y, steps = projected_sampler(denoise, M, m, cfg)
-    return y.view(B, *shape), steps
+    return y.view_as(truth), steps
 
 
 def checkpoint_experiment(cfg):
-    tasks = [t.strip() for t in cfg.TASKS.split(",") if t.strip()]
-    for task in tasks:  # check the options before minutes of sampling, not after
-        task_operator(task, (1, 8, 8), cfg, torch.Generator())
-    if cfg.MASK_SAMPLER not in ("langevin", "projected"):
-        raise SystemExit(f"error: --mask_sampler={cfg.MASK_SAMPLER}; use langevin or projected")
-    known_noise_fn(cfg, cfg.SIGMA0)
     mdsm = load_numbered("03_mdsm_train.py")  # 03's data loading, EnergyNet and checkpoints, reused
     device = pick_device(cfg.DEVICE)
     model, ckpt = mdsm.load_model(cfg.CKPT, device=device, use_ema=cfg.USE_EMA)
@@ -404,24 +339,24 @@ def checkpoint_experiment(cfg):
     dataset, data_dir = cfg.DATASET or conf.get("DATASET", ""), cfg.DATA_DIR or conf.get("DATA_DIR", "data")
     if not dataset:
         raise SystemExit("error: the checkpoint names no DATASET; pass --dataset=cifar10 (or mnist, a .npz path)")
-    images = mdsm.images_to_float(mdsm.load_images(dataset, data_dir, "test", int(conf.get("IMAGE_SIZE", 0))))[:cfg.N_IMAGES]
-    if images.shape[1] != model.model_args.get("in_channels", images.shape[1]):
-        raise SystemExit(f"error: {dataset} has {images.shape[1]} channels but the model expects "
-                         f"{model.model_args['in_channels']}; pass the --dataset it was trained on")
-    if images.shape[-1] != model.model_args.get("image_size", images.shape[-1]):
-        raise SystemExit(f"error: {dataset} images are {images.shape[-1]} pixels wide but the model was built for "
-                         f"{model.model_args['image_size']}; pass the --dataset it was trained on")
+    size = int(conf.get("IMAGE_SIZE", 0))
+    images = mdsm.images_to_float(mdsm.load_images(dataset, data_dir, "test", size))[:cfg.N_IMAGES]
+    for what, have, key in (("channels", images.shape[1], "in_channels"), ("pixels wide", images.shape[-1], "image_size")):
+        if have != model.model_args.get(key, have):
+            raise SystemExit(f"error: {dataset} images have {have} {what} but the model was built for "
+                             f"{model.model_args[key]}; pass the --dataset it was trained on")
+    # the trivial baseline's fill: the mean training image (what a model with no structure would guess)
+    mean_image = mdsm.images_to_float(mdsm.load_images(dataset, data_dir, "train", size)).mean(0).to(device)
     n, shape = images.shape[0], tuple(images.shape[1:])
     print(f"model: {cfg.CKPT} (step {ckpt.get('step', '?')}, sigma0 {sigma0}); {n} test images of "
           f"{dataset} {shape}, {cfg.N_SAMPLES} samples each, device {device}")
     g = torch.Generator().manual_seed(cfg.SEED)
     print(f"  {'task':<8} {'sampler':<10} {'measured':>9} {'PSNR mean':>10} {'PSNR 1 smp':>11} "
-          f"{'PSNR pinv':>10} {'max|Mx-m|':>10} {'steps':>6} {'time':>7}")
+          f"{'0.5-fill':>9} {'mean-fill':>10} {'max|Mx-m|':>10} {'steps':>6} {'time':>7}")
     results = {}
-    for task in tasks:
+    for task in cfg.TASKS.split(","):
         M, mask = task_operator(task, shape, cfg, g)
-        M = M.to(device)
-        mask = None if mask is None else mask.to(device)
+        M, mask = M.to(device), None if mask is None else mask.to(device)
         truth = images.to(device).repeat_interleave(cfg.N_SAMPLES, 0)  # (n*S, C, H, W)
         t0, parts = time.time(), []
         for i in range(0, len(truth), cfg.BATCH):
@@ -430,31 +365,49 @@ def checkpoint_experiment(cfg):
         samples = torch.cat(parts).view(n, cfg.N_SAMPLES, *shape)
         x = images.to(device)
         m = x.flatten(1) @ M.T
-        # the naive answer: measurements put back (pseudo-inverse M^T m), 0.5 elsewhere
-        half = torch.full_like(x.flatten(1), 0.5)
-        # M^T m + (I - M^T M) 0.5
-        pinv = (m @ M + half - (half @ M.T) @ M).view_as(x)
+        # naive answers: the measurements put back (M^T m) plus (I - M^T M) fill, fill = 0.5 or the mean image
+        fill = [torch.full_like(x.flatten(1), 0.5), mean_image.flatten().expand_as(x.flatten(1))]
+        half, mean_fill = ((m @ M + f - (f @ M.T) @ M).view_as(x) for f in fill)
         gap = float((samples.flatten(2) @ M.T - m[:, None]).abs().max())
-        sampler_name = cfg.MASK_SAMPLER if mask is not None else "projected"
-        results[task] = dict(psnr_mean=psnr(samples.mean(1), x), psnr_sample=psnr(samples[:, 0], x),
-                             psnr_pinv=psnr(pinv, x), gap=gap, seconds=time.time() - t0)
-        r = results[task]
-        print(f"  {task:<8} {sampler_name:<10} {M.shape[0]:>9} {r['psnr_mean']:>10.2f} {r['psnr_sample']:>11.2f} "
-              f"{r['psnr_pinv']:>10.2f} {gap:>10.2e} {steps:>6} {r['seconds']:>6.0f}s", flush=True)
-        rows = torch.cat([pinv[:, None], samples, samples.mean(1, keepdim=True), x[:, None]], 1)
-        path = os.path.join(cfg.OUT_DIR, f"{task}.png")
-        save_image_grid(rows.flatten(0, 1).cpu(), path, nrow=cfg.N_SAMPLES + 3)
-    print(f"grids in {cfg.OUT_DIR}/<task>.png; each row: measured (M^T m, gray elsewhere), "
-          f"{cfg.N_SAMPLES} samples, their mean, the original")
+        results[task] = r = dict(psnr_mean=psnr(samples.mean(1), x), psnr_sample=psnr(samples[:, 0], x), gap=gap,
+                                 psnr_half=psnr(half, x), psnr_mean_fill=psnr(mean_fill, x), seconds=time.time() - t0)
+        print(f"  {task:<8} {cfg.MASK_SAMPLER if mask is not None else 'projected':<10} {M.shape[0]:>9} "
+              f"{r['psnr_mean']:>10.2f} {r['psnr_sample']:>11.2f} {r['psnr_half']:>9.2f} {r['psnr_mean_fill']:>10.2f} "
+              f"{gap:>10.2e} {steps:>6} {r['seconds']:>6.0f}s", flush=True)
+        rows = torch.cat([half[:, None], mean_fill[:, None], samples, samples.mean(1, keepdim=True), x[:, None]], 1)
+        save_image_grid(rows.flatten(0, 1).cpu(), os.path.join(cfg.OUT_DIR, f"{task}.png"), nrow=cfg.N_SAMPLES + 4)
+    print(f"grids in {cfg.OUT_DIR}/<task>.png; rows: 0.5-fill, mean-fill, {cfg.N_SAMPLES} samples, their mean, truth")
     return results
 
 
-def sampler_module():
-    return load_numbered("04_langevin_sampling.py")  # 04's annealed Langevin sampler, reused
+def check_config(cfg):
+    """Every knob checked before any work (issue 16): one line naming the knob and what is allowed."""
+    positive = ("TOY_LENGTH", "TOY_STD", "TOY_STEP_SIZE", "SIGMA0", "T_MAX", "STEP_SIZE", "KS_SIGMA_START", "KS_SIGMA_END")
+    rules = [(k, getattr(cfg, k) > 0, "a number > 0") for k in positive]
+    rules += [(k, getattr(cfg, k) >= 0, "an integer >= 0") for k in ("N_HOT", "N_ANNEAL", "N_COOL")]
+    rules += [(k, getattr(cfg, k) >= 1, "an integer >= 1") for k in ("KS_MAX_STEPS", "N_IMAGES", "N_SAMPLES", "BATCH")]
+    rules += [("TOY_SIZE", cfg.TOY_SIZE >= 4 and cfg.TOY_SIZE % 2 == 0, "an even integer >= 4"),
+              ("TOY_CHAINS", cfg.TOY_CHAINS >= 2, "an integer >= 2"), ("TOY_NUGGET", cfg.TOY_NUGGET >= 0, "a number >= 0"),
+              ("N_COOL", cfg.N_HOT + cfg.N_ANNEAL + cfg.N_COOL >= 1, "n_hot + n_anneal + n_cool >= 1"),
+              ("KS_H0", 0 < cfg.KS_H0 <= 1, "0 < ks_h0 <= 1"), ("KS_BETA", 0 < cfg.KS_BETA <= 1, "0 < ks_beta <= 1"),
+              ("RANDOM_KEEP", 0 < cfg.RANDOM_KEEP < 1, "0 < random_keep < 1"),
+              ("CS_KEEP", 0 < cfg.CS_KEEP <= 1, "0 < cs_keep <= 1"),
+              ("KNOWN_NOISE", cfg.KNOWN_NOISE in ("sqrt", "quarter"), "sqrt or quarter"),
+              ("MASK_SAMPLER", cfg.MASK_SAMPLER in ("langevin", "projected"), "langevin or projected"),
+              ("TASKS", all(t in ALL_TASKS for t in cfg.TASKS.split(",")), "a comma list of " + ", ".join(ALL_TASKS))]
+    for knob, ok, allowed in rules:
+        if not ok:
+            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is not allowed; allowed: {allowed}")
+    try:  # the out folder must take files before any sampling time is spent
+        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.OUT_DIR).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir={cfg.OUT_DIR} is not writable ({e.strerror}); pass a folder you can write")
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
+    check_config(cfg)
     set_seed(cfg.SEED)
     if not cfg.CKPT:
         return toy_experiment(cfg)
