@@ -10,14 +10,12 @@ level sigma in [0.05, 1.2] at once, with x~ = x + sigma * eps:
 Its minimizer is sigma0^2 grad E(x~) = x~ - E[x | x~] (Tweedie): one step of size sigma0^2 down the
 energy denoises x~, and exp(-E / T) matches the noisy data at T = sigma^2 / sigma0^2 (04 anneals through T).
 
-Commands (--out_dir gets ckpt.pt, all needed to resume, and denoise_*.png grids; results in the README)
+Commands (--out_dir gets ckpt.pt and denoise_*.png grids; the README has --resume, --benchmark, torchrun, results)
   python 03_mdsm_train.py --dataset=mnist --image_size=16 --width=16 --blocks_per_stage=1 --batch_size=64 \
       --steps=3000 --lr=5e-4 --lr_min=1e-5           # CPU: tens of minutes, denoised digits
   python 03_mdsm_train.py --dataset=cifar10          # the paper's run: 62M params, 300k steps (GPU)
   python 03_mdsm_train.py --dataset=fashion-mnist --lr=1e-4 --steps=100000 --sigma_min=0.1 --sigma_max=3 \
       --sigma_spacing=log                            # the authors' Fashion-MNIST settings (GPU)
-  python 03_mdsm_train.py --benchmark                # ms/step and loss trajectory of each precision
-  python 03_mdsm_train.py --resume --lr=2e-5         # continue --out_dir's run; a new lr/steps applies
 """
 import gzip, hashlib, math, os, pathlib, pickle, shutil, sys, tarfile, tempfile, time, urllib.request
 
@@ -65,8 +63,7 @@ IDX_FILES = {  # name -> (mirrors, md5 of the train and t10k image .gz files)
                       {"train": "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "t10k": "bef4ecab320f06d8554ea6380940ec79"})}
 array_format = "a .npz/.npy of uint8 images (N, H, W) or (N, H, W, C), e.g. np.savez(path, x_train=x, x_test=y)"
 
-def fetch(urls, path, md5):
-    """Download to `path` (trying each mirror) unless it is there; verify the MD5 either way."""
+def fetch(urls, path, md5):  # download to `path` (trying each mirror) unless it is there; verify the MD5 either way
     for url in urls if not os.path.exists(path) else []:
         try:
             print(f"downloading {url}", flush=True)
@@ -109,8 +106,7 @@ def read_idx_images(data_dir, name, split):
         raise SystemExit(f"error: {path} is not an IDX image file (corrupt or incomplete). Delete it and run again") from None
     return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)  # 28x28 digits
 
-def read_array_file(path, split):
-    """A user's own images: .npy, or .npz with x_train/x_test (else its first array), channels last."""
+def read_array_file(path, split):  # a user's own images: .npy, or .npz with x_train/x_test, channels last
     try:
         data = np.load(path)
         arrays = {"x_train": data} if isinstance(data, np.ndarray) else {k: data[k] for k in data.files}
@@ -126,16 +122,15 @@ def read_array_file(path, split):
     return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
 
 def load_images(dataset, data_dir="data", split="train", image_size=0):
-    """All images of a split as uint8 (N, C, H, W), downloaded on first use. image_size > 0 area-averages
-    them to that square side (rounded to 8 bits); 0 keeps H x W, but pads 28x28 digits to 32x32."""
+    """All images of a split as uint8 (N, C, H, W), downloaded on first use; image_size > 0 area-averages them."""
     if dataset not in ("cifar10", *IDX_FILES) and not dataset.endswith((".npz", ".npy")):
         raise SystemExit(f"error: unknown --dataset={dataset}; use cifar10, mnist, fashion-mnist or {array_format}")
     x = torch.from_numpy(np.ascontiguousarray(read_cifar10(data_dir, split) if dataset == "cifar10" else
                          read_idx_images(data_dir, dataset, split) if dataset in IDX_FILES else read_array_file(dataset, split)))
     if image_size > 0:
-        x = F.adaptive_avg_pool2d(x.float(), image_size).round().to(torch.uint8)  # area averaging
-    elif dataset in IDX_FILES:
-        x = F.pad(x, (2, 2, 2, 2))  # the paper pads 28x28 digits with zeros so three 2x poolings give 4x4
+        x = F.adaptive_avg_pool2d(x.float(), image_size).round().to(torch.uint8)  # to a square side, rounded to 8 bits
+    elif dataset in IDX_FILES:  # the native size, but the paper pads 28x28 digits with zeros to 32x32,
+        x = F.pad(x, (2, 2, 2, 2))  # so that three 2x poolings give 4x4
     if x.shape[2] % 8 or x.shape[3] % 8:
         raise SystemExit(f"error: {dataset}: images of {x.shape[2]}x{x.shape[3]} pixels; the network needs sides divisible"
                          f" by 8: pad or crop them, or pass --image_size (8, 16, 24, 32, ...)")
@@ -145,8 +140,7 @@ def images_to_float(x):  # uint8 in {0..255} -> float in [0, 1]
     return x.float() / 255.0  # no centring or dequantization, as in the paper
 
 # ==== Model: a ResNet energy with smooth ELUs (the loss differentiates grad_x E), no normalization ====
-class ResBlock(nn.Module):
-    """Pre-activation block: out = shortcut(x) + conv2(elu(conv1(elu(x)))), optional 2x mean-pool."""
+class ResBlock(nn.Module):  # pre-activation: out = shortcut(x) + conv2(elu(conv1(elu(x)))), optional 2x mean-pool
     def __init__(self, c_in, c_out, down):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_in, 3, padding=1, bias=False)
@@ -159,25 +153,22 @@ class ResBlock(nn.Module):
             return F.avg_pool2d(h, 2) + self.shortcut(F.avg_pool2d(x, 2))
         return h + self.shortcut(x)
 
-class EnergyNet(nn.Module):
-    """E(x): (B, C, H, W) -> (B,); CIFAR-10: EnergyNet(3, 128, 3), 62M parameters. image_size: H or [H, W]."""
+class EnergyNet(nn.Module):  # E(x): (B, C, H, W) -> (B,); CIFAR-10: EnergyNet(3, 128, 3), 62M parameters
     def __init__(self, in_channels=3, width=128, blocks_per_stage=3, image_size=32):
         super().__init__()
         self.model_args = dict(in_channels=in_channels, width=width, blocks_per_stage=blocks_per_stage, image_size=image_size)
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size  # image_size: H or [H, W]
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
-        blocks, c = [], width
-        for c_out in (2 * width, 4 * width, 8 * width):  # 32x32 -> 16x16 -> 8x8 -> 4x4
-            blocks.append(ResBlock(c, c_out, down=True))
+        blocks = []
+        for c_in, c_out in ((width, 2 * width), (2 * width, 4 * width), (4 * width, 8 * width)):  # 32x32 -> 16 -> 8 -> 4
+            blocks.append(ResBlock(c_in, c_out, down=True))
             blocks += [ResBlock(c_out, c_out, down=False) for _ in range(blocks_per_stage - 1)]
-            c = c_out
         self.blocks = nn.Sequential(*blocks)
-        n_features = c * (h // 8) * (w // 8)  # 1024 * 4 * 4 = 16384 for CIFAR-10
+        n_features = 8 * width * (h // 8) * (w // 8)  # 1024 * 4 * 4 = 16384 for CIFAR-10
         self.lin1, self.lin2, self.lin3 = (nn.Linear(n_features, 1) for _ in range(3))
     def forward(self, x):
-        h = self.blocks(self.conv_in(x)).flatten(1)  # (B, 8*width*(H/8)*(W/8)); no activation before the head, as coded
+        h = self.blocks(self.conv_in(x)).flatten(1).float()  # (B, 8*width*(H/8)*(W/8)); no activation before the head, as coded
         with torch.autocast(x.device.type, enabled=False):  # the head and its output stay fp32
-            h = h.float()
             # "quadratic neuron": E = (w1.h + b1)(w2.h + b2) + w3.(h*h) + b3. The constant b3 (lin3.bias)
             # drops out of grad_x E, so it never gets a gradient; b1 and b2 do, through the product.
             energy = self.lin1(h) * self.lin2(h) + self.lin3(h * h)
@@ -201,16 +192,14 @@ def mdsm_loss(model, x, sigmas, eps, sigma0):
 
 # ==== Checkpoints: one dict, written atomically, refused with a clear message when it does not fit ====
 def make_checkpoint(model, config, step=0, optimizer=None, scheduler=None, ema=None, kind="mdsm-energy", **extra):
-    """Everything needed to resume or sample (model_args rebuild the net, config holds every knob)."""
     ckpt = {"kind": kind, "model_args": dict(model.model_args), "config": dict(config), "step": step,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
     ckpt.update({name: part.state_dict() for name, part in (("optimizer", optimizer), ("scheduler", scheduler)) if part})
     if ema is not None:
         ckpt["ema"] = {k: v.detach().cpu() for k, v in ema.items()}
-    return ckpt
+    return ckpt  # everything needed to resume or sample: model_args rebuild the net, config holds every knob
 
-def save_checkpoint(ckpt, path):
-    """Atomic: a temporary file renamed over `path`; a failed write keeps the old one and removes the partial file."""
+def save_checkpoint(ckpt, path):  # atomic: a temporary file renamed over `path`; a failed write keeps the old one
     tmp, folder = path + ".tmp", os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -235,8 +224,7 @@ def load_checkpoint(path, kind="mdsm-energy", map_location="cpu"):
         raise SystemExit(f"error: {path} holds a '{ckpt['kind']}' checkpoint, but this needs '{kind}' (03 or 05's)")
     return ckpt
 
-def load_model(path, device="cpu", use_ema=False):
-    """EnergyNet from a checkpoint, in eval mode: (model, ckpt)."""
+def load_model(path, device="cpu", use_ema=False):  # EnergyNet from a checkpoint, in eval mode: (model, ckpt)
     ckpt = load_checkpoint(path)
     args, ints = ckpt.get("model_args"), ("in_channels", "width", "blocks_per_stage")
     try:  # a hand-edited model_args (a key added or lost, a wrong type) gets one line, not a traceback
@@ -250,9 +238,9 @@ def load_model(path, device="cpu", use_ema=False):
     return model.to(device).eval(), ckpt
 
 # ==== Training ====
-def check_config(c):
-    """Every knob against its allowed range before any work: one line names the first one outside it."""
-    rules = {k: (getattr(c, k) >= 1, ">= 1") for k in "BATCH_SIZE STEPS LOG_EVERY GRID_EVERY CKPT_EVERY BENCH_STEPS".split()}
+def check_config(c, world=1):  # every knob against its allowed range, before any work; one line names the first bad one
+    rules = {"BATCH_SIZE": (c.BATCH_SIZE >= 1 and c.BATCH_SIZE % world == 0, f">= 1, a multiple of WORLD_SIZE={world}")}
+    rules.update({k: (getattr(c, k) >= 1, ">= 1") for k in "STEPS LOG_EVERY GRID_EVERY CKPT_EVERY BENCH_STEPS".split()})
     rules.update(LR=(c.LR > 0, "> 0"), LR_MIN=(0 <= c.LR_MIN <= c.LR, "0 to --lr"), BETA1=(0 <= c.BETA1 < 1, "[0, 1)"),
                  BETA2=(0 <= c.BETA2 < 1, "[0, 1)"), EMA_DECAY=(0 <= c.EMA_DECAY < 1, "[0, 1)"), SEED=(c.SEED >= 0, ">= 0"),
                  WIDTH=(c.WIDTH >= 0, ">= 0"), BLOCKS_PER_STAGE=(c.BLOCKS_PER_STAGE >= 0, ">= 0"), SIGMA0=(c.SIGMA0 > 0, "> 0"),
@@ -268,19 +256,17 @@ def cosine_lr(step, lr, lr_min, steps):  # the authors' CosineAnnealingLR(T_max=
     return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * step / steps)) / 2
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * w for every tensor of the state dict, in one fused call."""
+def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * w for every state-dict tensor, one fused call
     torch._foreach_lerp_(list(ema.values()), list(model.state_dict().values()), 1 - decay)
 
-def resume(cfg, path, model, opt, ema, noise_gen):
-    """Load `path` into this run; returns its step. State goes to the model's device and layout (CPU <-> CUDA)."""
+def resume(cfg, path, model, opt, ema, noise_gen):  # loads `path` into this run; returns its step
     ckpt = load_checkpoint(path)
     if ckpt.get("model_args") != model.model_args or ckpt["step"] >= cfg.STEPS:
         raise SystemExit(f"error: {path} holds step {ckpt['step']} of {ckpt.get('model_args')}, this run {model.model_args} to "
                          f"--steps={cfg.STEPS}: pass the same --width/--blocks_per_stage/--dataset/--image_size, more --steps")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    for p, state in opt.state.items():
+    for p, state in opt.state.items():  # Adam's state to the model's device and memory layout (CPU <-> CUDA)
         state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape})
     opt.param_groups[0]["betas"] = (cfg.BETA1, cfg.BETA2)  # a new --beta1/--beta2 applies too (one param group)
     for k, v in (ckpt.get("ema", {}) if ema is not None else {}).items():
@@ -294,17 +280,15 @@ def resume(cfg, path, model, opt, ema, noise_gen):
     return ckpt["step"]
 
 def denoise_grid(model, x, sigma0, path):
-    """Rows: clean, then noisy x~ / one-step denoised x~ - sigma0^2 grad E(x~) at sigma 0.1, 0.3, 0.6, 1.0."""
     g, rows = torch.Generator().manual_seed(1), [x]
     for sigma in (0.1, 0.3, 0.6, 1.0):
         x_noisy = (x + sigma * torch.randn(x.shape, generator=g).to(x.device)).requires_grad_(True)
         (grad,) = torch.autograd.grad(model(x_noisy).sum(), x_noisy)
         rows += [x_noisy.detach(), (x_noisy - sigma0**2 * grad).detach()]
     save_image_grid(torch.cat(rows), path, nrow=len(x))
-    return torch.cat(rows)  # (9 n, C, H, W)
+    return torch.cat(rows)  # (9 n, C, H, W): clean, then per sigma noisy x~ and one-step denoised x~ - sigma0^2 grad E(x~)
 
-def train(cfg, data, device, rank=0, world=1):
-    """The training loop. data: uint8 (N, C, H, W) on `device`."""
+def train(cfg, data, device, rank=0, world=1):  # the training loop; data: uint8 (N, C, H, W) on `device`
     n, c, h, w = data.shape
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h if h == w else [h, w]).to(device, memory_format=fmt)
@@ -314,11 +298,10 @@ def train(cfg, data, device, rank=0, world=1):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), fused=device.type == "cuda")
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.EMA_DECAY > 0 else None
     noise_gen = torch.Generator().manual_seed(cfg.SEED)  # on the CPU: the same noise on every device
-    ckpt_path, start = os.path.join(cfg.OUT_DIR, "ckpt.pt"), 0
-    if cfg.RESUME:
-        start = resume(cfg, ckpt_path, model, opt, ema, noise_gen)
-    elif os.path.exists(ckpt_path):
+    ckpt_path = os.path.join(cfg.OUT_DIR, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not cfg.RESUME:
         raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, or another --out_dir")
+    start = resume(cfg, ckpt_path, model, opt, ema, noise_gen) if cfg.RESUME else 0
     print(f"EnergyNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.PRECISION} on {device}")
     mine = slice(rank * cfg.BATCH_SIZE // world, (rank + 1) * cfg.BATCH_SIZE // world)  # this rank's batch slots
     sigmas = noise_levels(cfg.BATCH_SIZE, cfg.SIGMA_MIN, cfg.SIGMA_MAX, cfg.SIGMA_SPACING, device)[mine]  # (B / world,)
@@ -342,18 +325,17 @@ def train(cfg, data, device, rank=0, world=1):
             flat = torch.cat([g.flatten() for g in grads])  # (DDP would refuse that unused parameter)
             dist.all_reduce(flat)
             torch._foreach_copy_(grads, [f.view_as(g) / world for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
-        for group in opt.param_groups:  # cosine decay, stepped every iteration
-            group["lr"] = cosine_lr(step - 1, cfg.LR, cfg.LR_MIN, cfg.STEPS)
+        opt.param_groups[0]["lr"] = cosine_lr(step - 1, cfg.LR, cfg.LR_MIN, cfg.STEPS)  # cosine decay, set every step
         opt.step()
         if ema is not None:
             ema_update(ema, model, cfg.EMA_DECAY)
         window += loss.detach()
-        progress(step - start, cfg.STEPS - start, t0) if rank == 0 else None  # time left counts only this session's steps
         checked = step % cfg.LOG_EVERY == 0 or step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS
         if checked:  # the mean loss and the weights' norm, with one host sync per check
             norm = sum(torch._foreach_norm([p.detach() for p in model.parameters()]))  # a NaN anywhere shows in it
             stats = torch.stack([window / (step - window_start), norm])
-            dist.all_reduce(stats) if world > 1 else None
+            if world > 1:  # the global batch's mean loss: every rank takes the same decision below
+                dist.all_reduce(stats)
             mean_loss, weight_norm = (stats / world).tolist()
             normalized, rate = mean_loss * cfg.SIGMA0**4, (step - window_start) / (time.time() - t_window)
             median = float(np.median([past for _, past, _ in history])) if history else math.inf
@@ -371,11 +353,13 @@ def train(cfg, data, device, rank=0, world=1):
                                 "lr": opt.param_groups[0]["lr"], "it/s": rate, "img/s": rate * cfg.BATCH_SIZE})
             window.zero_()
             t_window, window_start = time.time(), step
-        if rank == 0 and (step % cfg.GRID_EVERY == 0 or step == cfg.STEPS):
-            denoise_grid(model, images_to_float(data[:8]), cfg.SIGMA0, os.path.join(cfg.OUT_DIR, f"denoise_{step:06d}.png"))
-        if rank == 0 and (step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS or checked and time.time() - t_saved > 60 * cfg.CKPT_MINUTES):
-            save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, ema=ema, noise_rng=noise_gen.get_state()), ckpt_path)
-            t_saved = time.time()
+        if rank == 0:  # rank 0 alone shows progress, draws grids and saves checkpoints
+            progress(step - start, cfg.STEPS - start, t0)  # time left counts only this session's steps
+            if step % cfg.GRID_EVERY == 0 or step == cfg.STEPS:
+                denoise_grid(model, images_to_float(data[:8]), cfg.SIGMA0, os.path.join(cfg.OUT_DIR, f"denoise_{step:06d}.png"))
+            if step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS or checked and time.time() - t_saved > 60 * cfg.CKPT_MINUTES:
+                save_checkpoint(make_checkpoint(model, vars(cfg), step, opt, ema=ema, noise_rng=noise_gen.get_state()), ckpt_path)
+                t_saved = time.time()
     print(f"done: {cfg.STEPS - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}", flush=True)
     return history  # (step, normalized loss, it/s) of every loss check
 
@@ -398,37 +382,35 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     if cfg.SMOKE:  # tiny values for the knobs not passed on the command line: passed ones win
         passed = {a[2:].split("=")[0].upper() for a in argv if a.startswith("--")}
-        tiny = dict(WIDTH=8, BLOCKS_PER_STAGE=1, BATCH_SIZE=16, STEPS=20, LOG_EVERY=5, GRID_EVERY=10, CKPT_EVERY=10,
-                    BENCH_STEPS=3)
+        tiny = dict(WIDTH=8, BLOCKS_PER_STAGE=1, BATCH_SIZE=16, STEPS=20, LOG_EVERY=5, GRID_EVERY=10, CKPT_EVERY=10, BENCH_STEPS=3)
         vars(cfg).update({k: v for k, v in tiny.items() if k not in passed})
         print("smoke: " + " ".join(f"{k.lower()}={getattr(cfg, k)}" + (" (yours)" if k in passed else "") for k in tiny))
-    check_config(cfg)
-    device = pick_device(cfg.DEVICE)
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    check_config(cfg, world)  # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK
+    device = pick_device(cfg.DEVICE)
     if world > 1:  # under torchrun: NCCL between GPUs (one per process), gloo between CPU processes
-        if cfg.BATCH_SIZE % world:
-            raise SystemExit(f"error: --batch_size={cfg.BATCH_SIZE} does not split over {world} ranks")
         device = torch.device("cuda", local_rank) if device.type == "cuda" else device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        sys.stdout = open(os.devnull, "w") if rank > 0 else sys.stdout  # rank 0 alone prints, saves, draws
+        if rank > 0:  # rank 0 alone prints, saves, draws
+            sys.stdout = open(os.devnull, "w")
     try:  # fail in a second, not after hours of training, if the checkpoint cannot be written
         os.makedirs(cfg.OUT_DIR, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.OUT_DIR).close()
     except OSError as e:
         raise SystemExit(f"error: --out_dir={cfg.OUT_DIR} is not writable ({e.strerror or e}); pass another one") from None
     set_seed(cfg.SEED)
-    data = None
-    for turn in range(2 if world > 1 else 1):  # each node's first rank downloads and extracts, then the others read
-        data = load_images(cfg.DATASET, cfg.DATA_DIR, "train", cfg.IMAGE_SIZE) if turn == (local_rank > 0) else data
-        dist.barrier() if world > 1 else None
+    if world > 1 and local_rank > 0:  # each node's first rank downloads and extracts the data, then the others read it
+        dist.barrier()
+    data = load_images(cfg.DATASET, cfg.DATA_DIR, "train", cfg.IMAGE_SIZE).to(device)  # no host copies per batch
+    if world > 1 and local_rank == 0:
+        dist.barrier()
     cfg.WIDTH = cfg.WIDTH or (128 if data.shape[1] == 3 else 64)  # the paper's widths and depths
     cfg.BLOCKS_PER_STAGE = cfg.BLOCKS_PER_STAGE or (3 if data.shape[1] == 3 else 2)
     if len(data) < cfg.BATCH_SIZE:
         raise SystemExit(f"error: {cfg.DATASET} has {len(data)} images, fewer than --batch_size={cfg.BATCH_SIZE}")
-    print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}" + (
-        "\nnote: the paper-size model is meant for a GPU; for a CPU run see the first command in the docstring"
-        if device.type == "cpu" and cfg.WIDTH >= 64 else ""))
-    data = data.to(device)  # 150 MiB for CIFAR-10: batches are then drawn without host copies
+    print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}")
+    if device.type == "cpu" and cfg.WIDTH >= 64:
+        print("note: the paper-size model is meant for a GPU; for a CPU run see the first command in the docstring")
     return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device, rank, world)
 
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, load_script
@@ -48,3 +49,10 @@ def test_two_ranks_resume_a_one_rank_run_and_compute_its_steps(tmp_path):
     assert two.keys() == one.keys()
     for k in one:  # global batch 8 = 2 x 4 slots, the global noise sliced: the same steps to float rounding
         assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_up_front(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node=3 sets: refused before any process group
+    with pytest.raises(SystemExit, match=r"^error: --batch_size=8 is out of range; allowed: >= 1, a multiple of WORLD_SIZE=3$"):
+        m.main(["--batch_size=8", f"--dataset={tmp_path / 'none.npz'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"])
+    assert not (tmp_path / "out").exists()
