@@ -1,8 +1,7 @@
 """03 - Multiscale denoising score matching (MDSM): train an energy-based model on images.
 
 Paper: Z. Li, Y. Chen, F. T. Sommer, "Learning Energy-Based Models in High-Dimensional Spaces with
-Multiscale Denoising Score Matching", arXiv 1910.07762 (Entropy 2023). Facts: shared spec MDSM.md.
-
+Multiscale Denoising Score Matching", arXiv 1910.07762 (Entropy 2023), and the authors' code.
 One network E(x) gives a scalar energy per image (low energy = likely image; the score is -grad E).
 MDSM (eq. 10 of the paper, weighted by 1/sigma^2 as in the authors' code) trains it at every noise
 level sigma in [0.05, 1.2] at once, with x~ = x + sigma * eps:
@@ -11,8 +10,8 @@ Its minimizer is sigma0^2 grad E(x~) = x~ - E[x | x~] (Tweedie): one step of siz
 energy denoises x~, and exp(-E / T) matches the noisy data at T = sigma^2 / sigma0^2 (04 anneals through T).
 
 Commands (--out_dir gets ckpt.pt and denoise_*.png grids; the README has --resume, --benchmark, torchrun, results)
-  python 03_mdsm_train.py --dataset=mnist --image_size=16 --width=16 --blocks_per_stage=1 --batch_size=64 \
-      --steps=3000 --lr=5e-4 --lr_min=1e-5           # CPU: tens of minutes, denoised digits
+  python 03_mdsm_train.py --dataset=mnist --image_size=16 --width=32 --blocks_per_stage=1 --batch_size=64 \
+      --steps=3000 --lr=5e-4 --lr_min=1e-5           # CPU: about 30 minutes; 04 then samples digits
   python 03_mdsm_train.py --dataset=cifar10          # the paper's run: 62M params, 300k steps (GPU)
   python 03_mdsm_train.py --dataset=fashion-mnist --lr=1e-4 --steps=100000 --sigma_min=0.1 --sigma_max=3 \
       --sigma_spacing=log                            # the authors' Fashion-MNIST settings (GPU)
@@ -255,8 +254,7 @@ def check_config(c, world=1):  # every knob against its allowed range, before an
 def cosine_lr(step, lr, lr_min, steps):  # the authors' CosineAnnealingLR(T_max=steps, eta_min=lr_min), closed form
     return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * step / steps)) / 2
 
-@torch.no_grad()
-def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * w for every state-dict tensor, one fused call
+def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * w, one fused call (state_dict() is detached)
     torch._foreach_lerp_(list(ema.values()), list(model.state_dict().values()), 1 - decay)
 
 def resume(cfg, path, model, opt, ema, noise_gen):  # loads `path` into this run; returns its step
@@ -269,7 +267,7 @@ def resume(cfg, path, model, opt, ema, noise_gen):  # loads `path` into this run
     for p, state in opt.state.items():  # Adam's state to the model's device and memory layout (CPU <-> CUDA)
         state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape})
     opt.param_groups[0]["betas"] = (cfg.BETA1, cfg.BETA2)  # a new --beta1/--beta2 applies too (one param group)
-    for k, v in (ckpt.get("ema", {}) if ema is not None else {}).items():
+    for k, v in (ckpt.get("ema", ckpt["model"]) if ema is not None else {}).items():  # no EMA saved: start at the weights
         ema[k].copy_(v)
     noise_gen.set_state(ckpt["noise_rng"])
     changed = [f"{k.lower()} {ckpt['config'].get(k)} -> {getattr(cfg, k)}" for k in "LR LR_MIN STEPS BETA1 BETA2".split()
@@ -389,7 +387,9 @@ def main(argv=None):
     check_config(cfg, world)  # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK
     device = pick_device(cfg.DEVICE)
     if world > 1:  # under torchrun: NCCL between GPUs (one per process), gloo between CPU processes
-        device = torch.device("cuda", local_rank) if device.type == "cuda" else device
+        if device.type == "cuda":  # one GPU per process; NCCL's collectives run on the current device
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if rank > 0:  # rank 0 alone prints, saves, draws
             sys.stdout = open(os.devnull, "w")

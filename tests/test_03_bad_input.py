@@ -159,3 +159,12 @@ def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monke
         m.save_checkpoint(newer, str(tmp_path / "fresh" / "ckpt.pt"))
     assert not list((tmp_path / "fresh").iterdir())
     monkeypatch.setattr(torch, "save", real_save)
+
+
+def test_ema_switched_on_at_resume_starts_from_the_loaded_weights(tmp_path):
+    first = run_tiny(tmp_path, ["--steps=3"])  # no EMA saved
+    assert "ema" not in first
+    second = run_tiny(tmp_path, ["--steps=4", "--resume", "--ema_decay=0.5"])
+    # one EMA step from the step-3 weights: ema = 0.5 w3 + 0.5 w4, not a mix with random initial weights
+    for k, w4 in second["model"].items():
+        assert torch.allclose(second["ema"][k], 0.5 * first["model"][k] + 0.5 * w4, atol=1e-6), k
