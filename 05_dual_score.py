@@ -68,8 +68,7 @@ def dual_score_losses(energy, x, t, z, create_graph=True):
     L_TSM = (0.5 (1 - ||y - x||^2 / (d t)) - t d_t U / d)^2, with ||y - x||^2 / t = ||z||^2."""
     d = x[0].numel()
     st = t.sqrt().view(-1, *[1] * (x.dim() - 1))                                  # (B, 1, ...)
-    y = (x + st * z).detach().requires_grad_()
-    t = t.detach().clone().requires_grad_()
+    y, t = (x + st * z).detach().requires_grad_(), t.detach().clone().requires_grad_()  # both differentiable
     U = energy(y, t)                                                               # (B,)
     grad_y, grad_t = torch.autograd.grad(U.sum(), (y, t), create_graph=create_graph)
     dsm = (z - st * grad_y).pow(2).flatten(1).sum(1) / d
@@ -147,8 +146,7 @@ def train_toy(xx, tsm_weight, cfg, generator):
 def toy_main(cfg):
     d, T, t0, n = cfg.TOY_DIM, cfg.TOY_T_MAX, cfg.TOY_T_MIN, min(10000, cfg.TOY_SAMPLES)
     db = 10 / math.log(10) / d                     # log p in nats -> dB/dim (10 log10 p / d), the paper's unit
-    gen = torch.Generator().manual_seed(cfg.SEED)
-    xx = toy_norms(cfg.TOY_SAMPLES, d, cfg.SEED)                                           # (n,) ||x||^2
+    gen, xx = torch.Generator().manual_seed(cfg.SEED), toy_norms(cfg.TOY_SAMPLES, d, cfg.SEED)  # xx: (n,) ||x||^2
     models = {}
     for name, w in (("single", 0.0), ("dual", cfg.TSM_WEIGHT or 1.0)):
         print(f"-- training the {name} score model ({'DSM only' if w == 0 else 'DSM + TSM'})", flush=True)
@@ -295,6 +293,10 @@ def start_model(cfg, channels, device, ckpt_path, mdsm):
     if ck["model_args"] != model.model_args:
         raise SystemExit(f"error: {ckpt_path} holds a ScoreUNet{ck['model_args']} but this run builds "
                          f"{model.model_args}; pass the same --width/--dataset, or another --out_dir")
+    changed = [k for k in ("LR", "LR_HALVE_EVERY") if ck["config"].get(k) != getattr(cfg, k)]
+    if changed:  # the optimizer and its schedule come back from the checkpoint: a new value would be ignored
+        raise SystemExit(f"error: --resume keeps the optimizer and lr schedule of {ckpt_path}, but {', '.join('--' + k.lower() for k in changed)} "
+                         f"differ from that run's; start a new run (another --out_dir) to change them")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
@@ -306,8 +308,7 @@ def train_images(cfg, x_train, x_curve, device, ckpt_path, mdsm):
     point of the bits/dim-versus-steps curve on x_curve (1 draw). Returns (model, curve)."""
     model, opt, sched, start, curve = start_model(cfg, x_train.shape[1], device, ckpt_path, mdsm)
     print(f"ScoreUNet width {cfg.WIDTH}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters, {cfg.PRECISION} on {device}")
-    gen = torch.Generator().manual_seed(cfg.SEED + start)  # batches, t and noise
-    t_start = time.time()
+    gen, t_start = torch.Generator().manual_seed(cfg.SEED + start), time.time()  # gen: batches, t and noise
     for step in range(start + 1, cfg.STEPS + 1):
         x = dequantize(x_train[torch.randint(len(x_train), (cfg.BATCH,), generator=gen)], gen)
         if x.shape[1] == 3:                                                         # flips: colour only
@@ -375,8 +376,7 @@ def plot_images(curve, base, mass, path):
 def image_main(cfg):
     mdsm = load_numbered("03_mdsm_train.py")  # 03's data loaders and atomic checkpoints
     device = pick_device(cfg.DEVICE)
-    x_train, x_test = load_split(mdsm, cfg, "train"), load_split(mdsm, cfg, "test")[:cfg.N_TEST]
-    x_train = x_train[:cfg.N_TRAIN] if cfg.N_TRAIN > 0 else x_train
+    x_train, x_test = load_split(mdsm, cfg, "train")[:cfg.N_TRAIN or None], load_split(mdsm, cfg, "test")[:cfg.N_TEST]
     cfg.NAME = os.path.splitext(os.path.basename(cfg.DATASET))[0] + (str(cfg.IMAGE_SIZE) if cfg.IMAGE_SIZE else "")
     ckpt_path = os.path.join(cfg.OUT_DIR, f"{cfg.NAME}.pt")  # e.g. mnist16.pt
     print(f"data: {len(x_train)} train / {len(x_test)} test images of shape {tuple(x_train.shape[1:])}")

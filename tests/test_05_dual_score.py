@@ -225,3 +225,11 @@ def test_dequantize_fills_each_grey_level_bin_uniformly(script):
     x = m.dequantize(k, torch.Generator().manual_seed(9)).double()
     assert torch.all(x >= k / 256) and torch.all(x <= (k.double() + 1) / 256)  # fp32 may round up to the edge
     assert torch.allclose(x.mean(0), (k[0].double() + 0.5) / 256, atol=3e-5)          # se 1e-5
+
+
+def test_resume_refuses_a_new_learning_rate_instead_of_ignoring_it(script, tmp_path, tiny_npz):
+    m = script("05_dual_score.py")
+    args = [f"--dataset={tiny_npz}", "--steps=2", "--batch=4", "--width=2", "--n_test=8", "--n_draws=1", f"--out_dir={tmp_path}"]
+    m.main(args)
+    with pytest.raises(SystemExit, match="keeps the optimizer and lr schedule .* --lr differ"):
+        m.main(args[:1] + ["--steps=4"] + args[2:] + ["--resume", "--lr=1e-4"])
