@@ -1,37 +1,25 @@
 """05 - Dual score matching: normalized log-probabilities from one forward pass.
 
-Guth, Kadkhodaie & Simoncelli, "Learning normalized image densities via dual score matching",
-arXiv 2506.05310 (NeurIPS 2025). Conventions: time t is the noise VARIANCE, y = x + sqrt(t) z,
-U(y, t) = -log p_t(y) in nats (p_t = p_data * N(0, t I)), the score is -grad_y U.
-
-Denoising score matching (03) learns grad_y U at each t, i.e. U(., t) up to a constant c(t) that
-may drift freely with t. Dual score matching adds a second loss on the TIME score d_t U, which has
-its own identity (Tweedie-like):  d_t U(y,t) = E[ d/(2t) - ||y - x||^2 / (2 t^2) | y ].
-Learning both scores ties the constants of all noise levels together, so ONE constant, fixed at a
-large t = T where p_T is nearly Gaussian, normalizes the model at every t, including t ~ 0:
-    log p(x) = -(U(x, 0) + c),   c = (d/2) log(2 pi e T) - E_y~p_T U(y, T).
-
-What this file shows:
-  * default (toy, the paper's Figure 1, CPU ~2 min): the scale mixture 0.5 N(0,I) + 0.5 N(0,16 I)
-    in d = 1000 with a radial energy model, trained with the space score alone ("single") and with
-    both scores ("dual"). Single SM gets the score right on the two shells of data but not the
-    relative level of the two modes; dual gets both. A table in dB/dim and a figure.
-  * image mode (--dataset=mnist|fashion-mnist|cifar10|file.npz): U = 0.5 <y, s(y,t)> with a small
-    noise-conditioned UNet s; bits/dim of the test set, per-noise losses, mass conservation,
-    denoising PSNR, effective dimensionality, the most/least likely test images.
-
-Commands:
-  python 05_dual_score.py                                  # toy Figure 1, CPU ~2 min
-  python 05_dual_score.py --toy_steps=20000 --toy_lr=1e-4 --toy_halve_every=2000   # paper budget
-  python 05_dual_score.py --dataset=mnist --device=cpu          # CPU, ~5-10 min
-  python 05_dual_score.py --dataset=cifar10 --width=64 --steps=200000            # GPU, hours
-  python 05_dual_score.py --dataset=mnist --strong_gen --n_train=2000            # two halves
-Outputs go to out/05_dual_score/ (figure, checkpoint). Paper: 3.36 bits/dim on ImageNet64 after
-1M steps of an 8.65M-parameter UNet (4-5 H100 days); small runs here are far from that.
+Guth, Kadkhodaie & Simoncelli, "Learning normalized image densities via dual score matching", arXiv
+2506.05310. Time t is the noise VARIANCE, y = x + sqrt(t) z, U(y, t) = -log p_t(y) in nats, score -grad_y U.
+Denoising score matching learns grad_y U at each t, so U(., t) only up to a constant c(t) free to drift
+with t. Dual score matching adds a loss on the TIME score, which has its own identity
+    d_t U(y, t) = E[ d/(2t) - ||y - x||^2 / (2 t^2) | y ],
+tying the constants of all t together: ONE constant, fixed at a large t = T where p_T is nearly Gaussian,
+normalizes the model at every t:  log p(x) = -(U(x, 0) + c),  c = (d/2) log(2 pi e T) - E_{y~p_T} U(y, T).
+Default: the paper's Figure 1, a radial energy on 0.5 N(0, I) + 0.5 N(0, 16 I) in d = 1000, trained with
+the space score alone ("single") and with both ("dual"): single SM gets the score roughly right, not the
+levels of the two modes; dual SM gets log p. Images: U = 0.5 <y, s(y, t)>, s the authors' bias-free UNet.
+  python 05_dual_score.py      # toy, 1 thread ~3-5 min: log p error on data dual 0.11, single 5.8 dB/dim; score 3-8 % off for both
+  python 05_dual_score.py --dataset=mnist --image_size=16 --width=16 --lr=1e-3 --lr_halve_every=1500 --steps=4000 --eval_every=500
+  # -> 10.3 bits/dim after 40 min on a shared 2-core CPU: worse than uniform (8.0), far from trained (README).
+Paper: 3.36 bits/dim on ImageNet64 with --width=64 --batch=128 --steps=1000000 (4-5 H100 days).
 """
+import functools
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -42,560 +30,388 @@ import torch.nn.functional as F
 # ---- config: every knob can be overridden with --key=value (see --help) ----
 DATASET = "toy"            # toy | mnist | fashion-mnist | cifar10 | path/to/images.npz
 DATA_DIR = "data"          # folder holding mnist/ and cifar-10-batches-py/ (see 03)
+IMAGE_SIZE = 0             # 0 = native (28x28 digits, no padding); 16 = area-downsampled 16x16 (CPU)
 SEED = 0                   # random seed for data, initialization and noise
 DEVICE = "auto"            # auto | cpu | cuda | mps (the toy always runs on the CPU)
 OUT_DIR = "out/05_dual_score"  # figures and checkpoints go here
 TSM_WEIGHT = 1.0           # weight of the time-score loss; 0 = single (space-only) score matching
-# toy (Figure 1)
-TOY_DIM = 1000             # dimension d of the scale mixture 0.5 N(0, I) + 0.5 N(0, 16 I)
-TOY_SAMPLES = 100_000      # fixed training set size n (paper 1e5)
-TOY_STEPS = 3000           # Adam steps per model (paper 20,000)
-TOY_BATCH = 512            # samples per step (paper 512)
-TOY_T_PER_BATCH = 64       # distinct noise levels per batch (the MLP only sees t: cheaper)
-TOY_LR = 1e-3              # Adam learning rate (paper 1e-4 with 20,000 steps)
-TOY_HALVE_EVERY = 1000     # halve the learning rate every this many steps (paper 2,000)
-TOY_T_MIN = 1e-2           # smallest noise variance; log p is read off here ("t = 0")
-TOY_T_MAX = 1e2            # largest noise variance = T where the model is normalized
-# images
-STEPS = 400                # training steps (paper 1M on ImageNet64)
+TOY_DIM = 1000             # toy: dimension d of the scale mixture 0.5 N(0, I) + 0.5 N(0, 16 I)
+TOY_SAMPLES = 100_000      # toy: fixed training set size n (paper 1e5)
+TOY_STEPS = 3000           # toy: Adam steps per model (paper 20,000)
+TOY_BATCH = 512            # toy: samples per step, one t each (paper 512)
+TOY_LR = 1e-3              # toy: Adam learning rate (paper 1e-4 with 20,000 steps)
+TOY_HALVE_EVERY = 1000     # toy: halve the learning rate every this many steps (paper 2,000)
+TOY_T_MIN = 1e-2           # toy: smallest noise variance; log p is read off here ("t = 0")
+TOY_T_MAX = 1e2            # toy: largest noise variance = T where the model is normalized
+STEPS = 400                # images: training steps (paper 1M on ImageNet64)
 BATCH = 32                 # images per step (paper 128)
 LR = 5e-4                  # Adam learning rate (paper 5e-4), halved every LR_HALVE_EVERY steps
 LR_HALVE_EVERY = 100_000   # steps between halvings (paper 100k)
-WIDTH = 8                  # UNet base width C (C, 2C, 4C; paper 64); 8 for a CPU run, 64 on a GPU
-T_MIN = 1e-9               # smallest noise variance (PSNR 90 dB)
+WIDTH = 8                  # UNet base width C (C, 2C, 4C, middle 8C; paper 64): the CPU knob
+PRECISION = "fp32"         # fp32 (the authors', default) | bf16 (autocast in training only; opt-in)
+T_MIN = 1e-9               # smallest noise variance (PSNR 90 dB); log p is read off here
 T_MAX = 1e3                # largest noise variance (PSNR -30 dB) = normalization point T
 N_TRAIN = 0                # training images used (0 = all)
-N_TEST = 1000              # test images for the evaluation
-FLIP = True                # random horizontal flips (off automatically for mnist-like data)
+N_TEST = 1000              # test images for the final evaluation
+N_DRAWS = 4                # dequantization draws per test image in the final evaluation
+EVAL_EVERY = 0             # steps between bits/dim-versus-steps points (1 draw on the test images; 0 = end only)
 LOG_EVERY = 100            # steps between log lines
-CKPT = ""                  # checkpoint path ("" = OUT_DIR/<dataset>.pt); --resume continues it
-RESUME = False             # continue from CKPT if it exists
+RESUME = False             # continue from OUT_DIR/<dataset><size>.pt (an error if there is none)
 CKPT_EVERY = 1000          # steps between checkpoints (one more at the end)
-EVAL_ONLY = False          # load CKPT and only evaluate
-STRONG_GEN = False         # train two models on disjoint halves and compare their log p
-BENCHMARK = False          # time a few training steps and print ms/step, then stop
+EVAL_ONLY = False          # load that checkpoint and only evaluate
 
 # The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
 
-
-# ============================ part 1: the toy of Figure 1 ============================
-# A radial model only sees r^2 = ||y||^2, and everything the losses need per sample is three
-# scalars: r2 = ||y||^2, zy = <z, y>, zz = ||z||^2. They are sampled exactly without ever
-# building a 1000-dim vector: with u = x/||x||, z = z1 u + z_perp, so <x, z> = ||x|| z1 and
-# ||z||^2 = z1^2 + chi2_{d-1}.
-TOY_SIGMA2 = (1.0, 16.0)   # variances of the two mixture components
-TOY_WEIGHT = (0.5, 0.5)    # their weights pi_k
-
-
-def toy_data(n, d, rng):
-    """Squared norms ||x||^2 of n fixed samples of 0.5 N(0, I) + 0.5 N(0, 16 I) in d dims. (n,)"""
-    k = (rng.random(n) < TOY_WEIGHT[1]).astype(int)
-    return torch.tensor(np.array(TOY_SIGMA2)[k] * rng.chisquare(d, n), dtype=torch.float32)
-
-
-def toy_noisy_stats(xx, t, d, rng):
-    """Given ||x||^2 and t (same shape): r2 = ||y||^2, zy = <z,y>, zz = ||z||^2 for y = x + sqrt(t) z."""
-    z1 = torch.tensor(rng.standard_normal(xx.shape), dtype=xx.dtype)
-    zz = z1 ** 2 + torch.tensor(rng.chisquare(d - 1, xx.shape), dtype=xx.dtype)
-    xz = xx.sqrt() * z1
-    r2 = xx + 2 * t.sqrt() * xz + t * zz
-    return r2, xz + t.sqrt() * zz, zz
-
-
-def true_radial_energy(r2, t, d):
-    """Exact U_t(y) = -log p_t(y) of the mixture:  -logsumexp_k [log pi_k - r^2/(2 v_k) - (d/2) log(2 pi v_k)],
-    v_k = sigma_k^2 + t. Inputs (B,), output (B,)."""
-    terms = [math.log(w) - r2 / (2 * (s2 + t)) - d / 2 * torch.log(2 * math.pi * (s2 + t))
-             for w, s2 in zip(TOY_WEIGHT, TOY_SIGMA2)]
-    return -torch.logsumexp(torch.stack(terms, dim=1), dim=1)
-
-
-class RadialEnergy(nn.Module):
-    """U(y,t) = -logsumexp_k -(a_k(t) r^2 + d b_k(t)),  [a1, a2, b1, b2] = MLP(log(t + 1e-2)),
-    4 hidden layers of width 256 with GELU (the paper's toy model)."""
-
-    def __init__(self, d, width=256, depth=4):
-        super().__init__()
-        layers, n_in = [], 1
-        for _ in range(depth):
-            layers += [nn.Linear(n_in, width), nn.GELU()]
-            n_in = width
-        self.mlp = nn.Sequential(*layers, nn.Linear(width, 4))
-        self.d = d
-
-    def coeffs(self, t):  # (B,) -> [a1, a2, b1, b2] (B, 4)
-        return self.mlp(torch.log(t + 1e-2)[:, None])
-
-    def energy_from(self, r2, ab):  # r2 (...), ab (..., 4) -> U (...)
-        e = ab[..., :2] * r2[..., None] + self.d * ab[..., 2:]                    # (..., 2)
-        return -torch.logsumexp(-e, dim=-1)
-
-    def forward(self, r2, t):  # r2 (B,), t (B,) -> U (B,)
-        return self.energy_from(r2, self.coeffs(t))
-
-
-def radial_dual_losses(energy, r2, zy, zz, t, d):
-    """Per-sample DSM and TSM losses, from the three scalars of each noisy sample.
-
-    Both scores come from ONE autograd call on (r2, [a, b](t)); grad_y U = 2 (dU/dr2) y, so
-    L_DSM = (1/d) ||z - sqrt(t) grad_y U||^2 = (zz - 4 sqrt(t) g <z,y> + 4 t g^2 r2) / d, g = dU/dr2,
-    L_TSM = (0.5 (1 - ||y - x||^2/(d t)) - t d_t U / d)^2, with ||y - x||^2 = t zz.
-    Samples come as (n_t, per_t): per_t samples share each of n_t noise levels, so the MLP runs
-    n_t times only. d_t U then goes through the chain rule, per sample:
-    d_t U = sum_j dU/d(ab_j) * d(ab_j)/dt, with ab = [a1, a2, b1, b2](t).
-    """
-    t = t.detach().requires_grad_()
-    ab = energy.coeffs(t)                                                          # (n_t, 4)
-    # row i of ab depends on t_i only, so the gradient of a column sum is the per-level derivative
-    dab_dt = torch.stack([torch.autograd.grad(ab[:, j].sum(), t, create_graph=True)[0] for j in range(4)], 1)
-    r2 = r2.detach().requires_grad_()
-    ab_s = ab[:, None, :].expand(*r2.shape, 4)                                     # (n_t, per_t, 4)
-    U = energy.energy_from(r2, ab_s)                                               # (n_t, per_t)
-    g, dU_dab = torch.autograd.grad(U.sum(), (r2, ab_s), create_graph=True)      # one call, both
-    dU_dt = (dU_dab * dab_dt[:, None, :]).sum(-1)                                  # (n_t, per_t)
-    t = t[:, None]
-    dsm = (zz - 4 * t.sqrt() * g * zy + 4 * t * g ** 2 * r2) / d
-    tsm = (0.5 * (1 - zz / d) - t * dU_dt / d) ** 2
-    return dsm, tsm
-
-
-def train_toy(xx, tsm_weight, cfg, rng):
-    """Adam on E_t E_{x,z}[L_DSM + tsm_weight L_TSM], t log-uniform on [TOY_T_MIN, TOY_T_MAX]."""
-    d = cfg.TOY_DIM
-    model = RadialEnergy(d)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.TOY_LR)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.TOY_HALVE_EVERY, gamma=0.5)
-    n_t = min(cfg.TOY_T_PER_BATCH, cfg.TOY_BATCH)
-    per_t = cfg.TOY_BATCH // n_t
-    lo, hi = math.log(cfg.TOY_T_MIN), math.log(cfg.TOY_T_MAX)
-    t_start, name = time.time(), "dual" if tsm_weight > 0 else "single"
-    for step in range(1, cfg.TOY_STEPS + 1):
-        idx = torch.from_numpy(rng.integers(len(xx), size=(n_t, per_t)))
-        t = torch.tensor(np.exp(rng.uniform(lo, hi, n_t)), dtype=torch.float32)  # (n_t,) log-uniform
-        r2, zy, zz = toy_noisy_stats(xx[idx], t[:, None].expand(n_t, per_t), d, rng)  # (n_t, per_t)
-        dsm, tsm = radial_dual_losses(model, r2, zy, zz, t, d)
-        loss = (dsm + tsm_weight * tsm).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress(step, cfg.TOY_STEPS, t_start, name)
-        if step % max(1, cfg.TOY_STEPS // 5) == 0 or step == cfg.TOY_STEPS:
-            log_line(step, {"model": name, "dsm": dsm.mean().item(), "tsm": tsm.mean().item(),
-                            "it/s": step / (time.time() - t_start)})
-    return model
-
-
-def normalizing_constant(energy_at_T, y_second_moment, d, T):
-    """c = 0.5 log det(2 pi e (Sigma + T I)) - E_{y~p_T} U(y, T), for isotropic Sigma = s2 I
-    (spec, derived; the paper's (d/2) log(2 pi e T) drops s2: 0.17 dB/dim off for this toy).
-    energy_at_T: U at samples y ~ p_T (N,); y_second_moment = E||x||^2 / d."""
-    gauss_entropy = d / 2 * math.log(2 * math.pi * math.e * (y_second_moment + T))
-    return gauss_entropy - energy_at_T.double().mean().item()
-
-
-def db_per_dim(log_p, d):
-    """log p in nats -> 10 log10(p) / d, the paper's dB/dim."""
-    return 10 * log_p / (d * math.log(10))
-
-
-def toy_main(cfg):
-    d, T, t0 = cfg.TOY_DIM, cfg.TOY_T_MAX, cfg.TOY_T_MIN
-    rng = np.random.default_rng(cfg.SEED)
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add overhead (and fight on shared CPUs)
-    xx = toy_data(cfg.TOY_SAMPLES, d, rng)                                   # (n,) ||x||^2
-    models = {}
-    for name, w in (("single", 0.0), ("dual", cfg.TSM_WEIGHT or 1.0)):
-        print(f"-- training the {name} score model ({'DSM only' if w == 0 else 'DSM + TSM'})", flush=True)
-        models[name] = train_toy(xx, w, cfg, rng)
-
-    # normalize each model at t = T with noisy copies of (up to) 20,000 training points
-    s2 = xx.mean().item() / d                                                # E||x||^2/d = 8.5
-    xs = xx[:20000]
-    r2_T, _, _ = toy_noisy_stats(xs, torch.full_like(xs, T), d, rng)
-    rho = torch.linspace(0.02, 5, 250, dtype=torch.float64)                 # r / sqrt(d)
-    r2_grid = rho ** 2 * d
-    true_U0 = true_radial_energy(r2_grid, torch.full_like(r2_grid, t0), d)
-    curves, consts = {"true": -true_U0}, {}
-    c_true = normalizing_constant(true_radial_energy(r2_T.double(), torch.full_like(r2_T, T).double(), d), s2, d, T)
-    with torch.no_grad():
-        for name, m in models.items():
-            consts[name] = normalizing_constant(m(r2_T, torch.full_like(r2_T, T)), s2, d, T)
-            U0 = m(r2_grid.float(), torch.full_like(r2_grid, t0).float()).double()
-            curves[name] = -(U0 + consts[name])                               # log p, nats
-    # radial derivative d log p / d rho (in dB/dim per unit of r/sqrt(d)), by finite differences
-    slopes = {k: np.gradient(db_per_dim(v, d).numpy(), rho.numpy()) for k, v in curves.items()}
-
-    print(f"\nnormalization at T = {T:g}: true energy gives c = {c_true:.2f} nats "
-          f"(= {db_per_dim(c_true, d):.4f} dB/dim, the residual non-Gaussianity of p_T)")
-    print(f"log p(x) at t = {t0:g} in dB/dim (10 log10 p / d) along the radius r/sqrt(d):")
-    print(f"{'r/sqrt(d)':>9} | {'true':>8} | {'single':>8} {'error':>7} | {'dual':>8} {'error':>7} "
-          f"| slope true  single  dual")
-    table_rho = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
-    for r in table_rho:
-        i = int(torch.argmin((rho - r).abs()))
-        tr, si, du = (db_per_dim(curves[k][i].item(), d) for k in ("true", "single", "dual"))
-        print(f"{rho[i].item():9.2f} | {tr:8.3f} | {si:8.3f} {si - tr:+7.3f} | {du:8.3f} {du - tr:+7.3f} "
-              f"| {slopes['true'][i]:+7.3f} {slopes['single'][i]:+7.3f} {slopes['dual'][i]:+7.3f}")
-    # the two claims, with numbers: errors on the data (both shells) and the level gap of the modes
-    xs_eval = xx[:20000].double()
-    r2_0, _, _ = toy_noisy_stats(xs_eval, torch.full_like(xs_eval, t0), d, rng)
-    U_true_data = true_radial_energy(r2_0, torch.full_like(r2_0, t0), d)
-    shell = (xs_eval / d).sqrt() > 2.5                                     # True: sigma^2 = 16 shell
-    i1, i4 = int(torch.argmin((rho - 1).abs())), int(torch.argmin((rho - 4).abs()))
-    gap_true = db_per_dim((curves["true"][i1] - curves["true"][i4]).item(), d)
-    summary = {}
-    for name, m in models.items():
-        with torch.no_grad():
-            err = db_per_dim(-(m(r2_0.float(), torch.full_like(r2_0, t0).float()).double() + consts[name])
-                             + U_true_data, d)
-        gap = db_per_dim((curves[name][i1] - curves[name][i4]).item(), d)
-        summary[name] = dict(rms=err.pow(2).mean().sqrt().item(), inner=err[~shell].mean().item(),
-                             outer=err[shell].mean().item(), gap_err=gap - gap_true)
-        print(f"{name:>6}: log p error on data {summary[name]['rms']:.3f} dB/dim rms "
-              f"(inner shell {summary[name]['inner']:+.3f}, outer shell {summary[name]['outer']:+.3f}); "
-              f"mode level gap logp(r=1)-logp(r=4) off by {summary[name]['gap_err']:+.3f} dB/dim "
-              f"(true gap {gap_true:.3f}); slope error on shells "
-              f"{slopes[name][i1] - slopes['true'][i1]:+.3f} / {slopes[name][i4] - slopes['true'][i4]:+.3f}")
-    plot_toy(rho.numpy(), {k: db_per_dim(v, d).numpy() for k, v in curves.items()}, slopes,
-             (xx / d).sqrt().numpy(), cfg)
-    return summary
-
-
-def plot_toy(rho, logp_db, slopes, data_rho, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    style = {"true": ("k", "-", "true"), "single": ("tab:red", "--", "single SM (DSM only)"),
-             "dual": ("tab:blue", ":", "dual SM (DSM + TSM)")}
-    for k, (c, ls, label) in style.items():
-        axes[0].plot(rho, logp_db[k], color=c, ls=ls, lw=2, label=label)
-        axes[1].plot(rho, slopes[k], color=c, ls=ls, lw=2, label=label)
-        if k != "true":
-            axes[2].plot(rho, logp_db[k] - logp_db["true"], color=c, ls=ls, lw=2, label=label)
-    for ax in axes:
-        h = ax.twinx()
-        h.hist(data_rho, bins=200, color="0.8", density=True)
-        h.set_yticks([])
-        h.set_zorder(-1)
-        ax.set_zorder(1)
-        ax.patch.set_visible(False)
-        ax.set_xlabel("r / sqrt(d)")
-        ax.set_xlim(0, 5)
-    axes[0].set_ylabel("log p(x)  [dB/dim]")
-    axes[0].set_ylim(min(v.min() for v in logp_db.values()) - 1, max(v.max() for v in logp_db.values()) + 1)
-    axes[1].set_ylabel("d log p / d(r/sqrt d)  [dB/dim]")
-    axes[1].set_ylim(np.min(slopes["true"]) * 1.3, np.max(slopes["true"]) * 1.3 + 1)
-    axes[2].set_ylabel("model - true  [dB/dim]")
-    axes[2].axhline(0, color="k", lw=0.5)
-    axes[0].legend(loc="lower left")
-    axes[0].set_title(f"normalized log p, d = {cfg.TOY_DIM} (grey: data)")
-    axes[1].set_title("radial derivative (the score)")
-    axes[2].set_title("error of the normalized log p")
-    fig.tight_layout()
-    os.makedirs(cfg.OUT_DIR, exist_ok=True)
-    path = os.path.join(cfg.OUT_DIR, "05_dual_score.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    print(f"figure: {path}")
-
-
-# ============================ part 2: images ============================
-class TimeEmbedding(nn.Module):
-    """t -> embedding (B, E): sinusoids of log t (t spans 12 decades; raw-t features would be flat
-    below t ~ 1e-2), then an MLP with SiLU. Kept in fp32 and differentiable in t."""
-
-    def __init__(self, t_min, t_max, n_freq=16, dim=128):
-        super().__init__()
-        self.register_buffer("freqs", math.pi * torch.logspace(1, -1, n_freq))  # periods 0.2 ... 20 in u
-        self.log_t_min, self.log_range = math.log(t_min), math.log(t_max / t_min)
-        self.mlp = nn.Sequential(nn.Linear(2 * n_freq, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU())
-
-    def forward(self, t):  # (B,) -> (B, E)
-        u = 2 * (torch.log(t.float()) - self.log_t_min) / self.log_range - 1       # in [-1, 1]
-        a = u[:, None] * self.freqs                                                # (B, n_freq)
-        return self.mlp(torch.cat([a.sin(), a.cos()], dim=1))
-
-
-class ConvNormAct(nn.Module):
-    """Bias-free 3x3 conv -> per-sample per-channel RMS normalization with a gain set by t -> GELU."""
-
-    def __init__(self, c_in, c_out, emb_dim):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.gain = nn.Linear(emb_dim, c_out, bias=False)
-        nn.init.zeros_(self.gain.weight)                                            # gain starts at 1
-
-    def forward(self, h, emb):  # (B, C_in, H, W), (B, E) -> (B, C_out, H, W)
-        h = self.conv(h)
-        rms = h.float().pow(2).mean(dim=(2, 3), keepdim=True).add(1e-6).sqrt()     # fp32 reduction
-        return F.gelu(h / rms.to(h.dtype) * (1 + self.gain(emb)).to(h.dtype)[:, :, None, None])
-
-
-class ScoreUNet(nn.Module):
-    """s(y, t): bias-free UNet, 3 scales (C, 2C, 4C), 2x2 strided conv down, transposed conv up."""
-
-    def __init__(self, in_channels=1, width=16, t_min=1e-9, t_max=1e3):
-        super().__init__()
-        self.model_args = dict(in_channels=in_channels, width=width, t_min=t_min, t_max=t_max)
-        C, E = width, 128
-        self.embed = TimeEmbedding(t_min, t_max, dim=E)
-        self.enc1 = nn.ModuleList([ConvNormAct(in_channels, C, E), ConvNormAct(C, C, E)])
-        self.down1 = nn.Conv2d(C, 2 * C, 2, stride=2, bias=False)
-        self.enc2 = nn.ModuleList([ConvNormAct(2 * C, 2 * C, E), ConvNormAct(2 * C, 2 * C, E)])
-        self.down2 = nn.Conv2d(2 * C, 4 * C, 2, stride=2, bias=False)
-        self.mid = nn.ModuleList([ConvNormAct(4 * C, 4 * C, E), ConvNormAct(4 * C, 4 * C, E)])
-        self.up2 = nn.ConvTranspose2d(4 * C, 2 * C, 2, stride=2, bias=False)
-        self.dec2 = nn.ModuleList([ConvNormAct(4 * C, 2 * C, E), ConvNormAct(2 * C, 2 * C, E)])
-        self.up1 = nn.ConvTranspose2d(2 * C, C, 2, stride=2, bias=False)
-        self.dec1 = nn.ModuleList([ConvNormAct(2 * C, C, E), ConvNormAct(C, C, E)])
-        self.out = nn.Conv2d(C, in_channels, 3, padding=1, bias=False)
-
-    def score(self, y, t):  # (B, C, H, W), (B,) -> s (B, C, H, W) float32
-        emb = self.embed(t)                                                        # fp32, outside autocast
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=y.is_cuda):    # bf16 trunk on CUDA only
-            h = y
-            for blocks, down in ((self.enc1, None), (self.enc2, self.down1), (self.mid, self.down2)):
-                h = down(h) if down is not None else h
-                for b in blocks:
-                    h = b(h, emb)
-                if blocks is not self.mid:
-                    skips = [h] if blocks is self.enc1 else skips + [h]
-            for blocks, up in ((self.dec2, self.up2), (self.dec1, self.up1)):
-                h = torch.cat([up(h), skips.pop()], dim=1)
-                for b in blocks:
-                    h = b(h, emb)
-            s = self.out(h)
-        return s.float()
-
-    def forward(self, y, t):  # energy U(y, t) = 0.5 <y, s(y, t)>, (B,) float32
-        return 0.5 * (y * self.score(y, t)).flatten(1).sum(dim=1)
-
-
 def dual_score_losses(energy, x, t, z, create_graph=True):
-    """Per-image L_DSM, L_TSM and the scores, for y = x + sqrt(t) z. energy(y, t) -> U (B,).
-
-    One autograd call gives both scores:  (grad_y U, d_t U) = grad(U.sum(), (y, t)).
-    L_DSM = (1/d) ||z - sqrt(t) grad_y U||^2
-    L_TSM = (0.5 (1 - ||y - x||^2 / (d t)) - t d_t U / d)^2,  with ||y - x||^2 / t = ||z||^2.
-    """
+    """Per-sample L_DSM, L_TSM and the scores for y = x + sqrt(t) z; energy(y, t) -> U (B,). One autograd call
+    gives both scores (grad_y U, d_t U). L_DSM = (1/d) ||z - sqrt(t) grad_y U||^2 and
+    L_TSM = (0.5 (1 - ||y - x||^2 / (d t)) - t d_t U / d)^2, with ||y - x||^2 / t = ||z||^2."""
     d = x[0].numel()
-    st = t.sqrt().view(-1, *[1] * (x.dim() - 1))                                  # (B, 1, 1, 1)
-    y = (x + st * z).requires_grad_()
-    t = t.detach().clone().requires_grad_()
+    st = t.sqrt().view(-1, *[1] * (x.dim() - 1))                                  # (B, 1, ...)
+    y, t = (x + st * z).detach().requires_grad_(), t.detach().clone().requires_grad_()  # both differentiable
     U = energy(y, t)                                                               # (B,)
     grad_y, grad_t = torch.autograd.grad(U.sum(), (y, t), create_graph=create_graph)
     dsm = (z - st * grad_y).pow(2).flatten(1).sum(1) / d
     tsm = (0.5 * (1 - z.pow(2).flatten(1).sum(1) / d) - t * grad_t / d) ** 2
     return dsm, tsm, U, y, grad_y, grad_t
 
+def log_uniform(n, t_min, t_max, generator=None):
+    """t log-uniform on [t_min, t_max] (PSNR = -10 log10 t uniform), one per sample. (n,)"""
+    return torch.exp(math.log(t_min) + math.log(t_max / t_min) * torch.rand(n, generator=generator))
 
-def log_uniform(n, t_min, t_max, device):
-    """t log-uniform on [t_min, t_max] (PSNR = -10 log10 t uniform), one per image. (n,)"""
-    return torch.exp(math.log(t_min) + math.log(t_max / t_min) * torch.rand(n, device=device))
+def energies(energy, x, t_val, device="cpu", chunk=250):
+    """U(x, t) at one t for all x (no graph), float64 on the CPU. (N,)"""
+    with torch.no_grad():
+        return torch.cat([energy(xb.to(device), torch.full((len(xb),), float(t_val), device=device)).double().cpu()
+                          for xb in x.split(chunk)])
 
+def normalizing_constant(energy_at_T, d, T, data_var=0.0):
+    """c = (d/2) log(2 pi e (data_var + T)) - mean U(y, T) over y ~ p_T. data_var = 0: the paper's constant;
+    data_var = E||x||^2 / d: a Gaussian with the data's second moment (derived, better when T is small)."""
+    return d / 2 * math.log(2 * math.pi * math.e * (data_var + T)) - energy_at_T.double().mean().item()
 
-def train_images(model, x_train, cfg, device, ckpt_path, mdsm):
-    """Adam on E_t E_{x,z}[L_DSM + TSM_WEIGHT L_TSM]; resumes from ckpt_path if asked."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.LR)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.LR_HALVE_EVERY, gamma=0.5)
-    start = 0
-    if cfg.RESUME and os.path.exists(ckpt_path):
-        ck = mdsm.load_checkpoint(ckpt_path, kind="dual-score")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start = ck["step"]
-        print(f"resumed at step {start}")
-    elif os.path.exists(ckpt_path) and not cfg.BENCHMARK:
-        raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, --eval_only to "
-                         f"evaluate it, or another --out_dir (nothing was overwritten)")
-    x_train = x_train.to(device)  # the whole set stays on the device; batches are drawn there
-    flip = cfg.FLIP and x_train.shape[1] == 3
-    steps = 23 if cfg.BENCHMARK else cfg.STEPS
-    t_start, timed = time.time(), None
-    for step in range(start + 1, steps + 1):
-        if cfg.BENCHMARK and step == start + 4:                                    # 3 warm-up steps
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            timed = time.time()
-        x = mdsm.images_to_float(x_train[torch.randint(len(x_train), (cfg.BATCH,), device=device)])
-        if flip:
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        t = log_uniform(len(x), cfg.T_MIN, cfg.T_MAX, device)
-        dsm, tsm, *_ = dual_score_losses(model, x, t, torch.randn_like(x))
-        loss = (dsm + cfg.TSM_WEIGHT * tsm).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress(step - start, steps - start, t_start)
-        save_now = not cfg.BENCHMARK and (step % cfg.CKPT_EVERY == 0 or step == steps)
-        if step % cfg.LOG_EVERY == 0 or save_now:
-            if not math.isfinite(loss.item()):  # never save a diverged model: the last checkpoint stays good
-                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; stopped without saving "
-                                 f"(last checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'}). "
-                                 f"Try a lower --lr")
-        if step % cfg.LOG_EVERY == 0 or step == steps:
-            log_line(step, {"loss": loss.item(), "dsm": dsm.mean().item(), "tsm": tsm.mean().item(),
-                            "it/s": (step - start) / (time.time() - t_start)})
-        if save_now:
-            mdsm.save_checkpoint(mdsm.make_checkpoint(model, vars(cfg), step, opt, sched, kind="dual-score"), ckpt_path)
-    if cfg.BENCHMARK:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.time() - timed) / (steps - start - 3) * 1000
-        print(f"benchmark | {device} | width {cfg.WIDTH} | batch {cfg.BATCH} | {ms:.1f} ms/step")
-        return None
-    if steps > start:
-        print(f"checkpoint: {ckpt_path}")
+# ============================ part 1: the toy of Figure 1 ============================
+TOY_SIGMA2 = (1.0, 16.0)   # variances of the two mixture components
+TOY_WEIGHT = (0.5, 0.5)    # their weights pi_k
+
+def toy_norms(n, d, seed):
+    """||x||^2 of n fixed mixture samples (n,); directions are drawn afresh at each use (same law, 1/d memory)."""
+    rng = np.random.default_rng(seed)
+    return torch.tensor(np.array(TOY_SIGMA2)[(rng.random(n) < TOY_WEIGHT[1]).astype(int)] * rng.chisquare(d, n)).float()
+
+def toy_points(xx, d, generator):
+    """Points with squared norms xx (B,) in uniformly random directions. (B, d)"""
+    g = torch.randn(len(xx), d, generator=generator)
+    return g / g.norm(dim=1, keepdim=True) * xx.sqrt()[:, None]
+
+def true_toy_energy(y, t):
+    """Exact U_t(y) = -logsumexp_k [log pi_k - ||y||^2/(2 v_k) - (d/2) log(2 pi v_k)], v_k = sigma_k^2 + t.
+    y (B, d), t (B,) -> (B,)."""
+    r2, d = y.pow(2).sum(1), y.shape[1]
+    terms = [math.log(w) - r2 / (2 * (s2 + t)) - d / 2 * torch.log(2 * math.pi * (s2 + t))
+             for w, s2 in zip(TOY_WEIGHT, TOY_SIGMA2)]
+    return -torch.logsumexp(torch.stack(terms, dim=1), dim=1)
+
+class RadialEnergy(nn.Module):
+    """U(y,t) = -logsumexp_k -(a_k(t) ||y||^2 + d b_k(t)),  [a1, a2, b1, b2] = MLP(log(t + 1e-2)),
+    4 hidden layers of width 256 with GELU (the paper's toy model)."""
+    def __init__(self, d, width=256, depth=4):
+        super().__init__()
+        layers = [m for i in range(depth) for m in (nn.Linear(1 if i == 0 else width, width), nn.GELU())]
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 4))
+        self.d = d
+
+    def forward(self, y, t):  # y (B, d), t (B,) -> U (B,)
+        ab = self.mlp(torch.log(t + 1e-2)[:, None])                                 # (B, 4)
+        e = ab[:, :2] * y.pow(2).sum(1, keepdim=True) + self.d * ab[:, 2:]          # (B, 2)
+        return -torch.logsumexp(-e, dim=1)
+
+def train_toy(xx, tsm_weight, cfg, generator):
+    """Adam on E_t E_{x,z}[L_DSM + tsm_weight L_TSM], t log-uniform: the same loss as the images."""
+    model = RadialEnergy(cfg.TOY_DIM)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.TOY_LR)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.TOY_HALVE_EVERY, gamma=0.5)
+    t_start, name = time.time(), "dual" if tsm_weight > 0 else "single"
+    for step in range(1, cfg.TOY_STEPS + 1):
+        x = toy_points(xx[torch.randint(len(xx), (cfg.TOY_BATCH,), generator=generator)], cfg.TOY_DIM, generator)
+        t = log_uniform(len(x), cfg.TOY_T_MIN, cfg.TOY_T_MAX, generator)
+        dsm, tsm, *_ = dual_score_losses(model, x, t, torch.randn(x.shape, generator=generator))
+        loss = (dsm + tsm_weight * tsm).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()  # noqa: E702
+        progress(step, cfg.TOY_STEPS, t_start, name)
+        if step % max(1, cfg.TOY_STEPS // 5) == 0 or step == cfg.TOY_STEPS:
+            log_line(step, {"model": name, "dsm": dsm.mean().item(), "tsm": tsm.mean().item(), "it/s": step / (time.time() - t_start)})
     return model
 
+def toy_main(cfg):
+    d, T, t0, n = cfg.TOY_DIM, cfg.TOY_T_MAX, cfg.TOY_T_MIN, min(10000, cfg.TOY_SAMPLES)
+    db = 10 / math.log(10) / d                     # log p in nats -> dB/dim (10 log10 p / d), the paper's unit
+    gen, xx = torch.Generator().manual_seed(cfg.SEED), toy_norms(cfg.TOY_SAMPLES, d, cfg.SEED)  # xx: (n,) ||x||^2
+    models = {}
+    for name, w in (("single", 0.0), ("dual", cfg.TSM_WEIGHT or 1.0)):
+        print(f"-- training the {name} score model ({'DSM only' if w == 0 else 'DSM + TSM'})", flush=True)
+        models[name] = train_toy(xx, w, cfg, gen)
+    # normalize at t = T with noisy training points; evaluate log p and the score at t0 on data points
+    y_T = toy_points(xx[:n], d, gen) + math.sqrt(T) * torch.randn(n, d, generator=gen)
+    y_0 = toy_points(xx[-n:], d, gen) + math.sqrt(t0) * torch.randn(n, d, generator=gen)
+    outer, s2 = xx[-n:] / d > 2.5 ** 2, xx.mean().item() / d                          # sigma^2 = 16 shell; 8.5
+    rho = torch.linspace(0.02, 5, 250)                                                 # r / sqrt(d)
+    y_grid = F.pad(rho[:, None] * math.sqrt(d), (0, d - 1))                           # (250, d) along axis 1
+    curves, summary = {"true": -energies(true_toy_energy, y_grid, t0)}, {}
+    y, t = y_0.clone().requires_grad_(), torch.full((n,), t0)
+    for name, m in models.items():
+        U_T = energies(m, y_T, T)
+        consts = {"paper": normalizing_constant(U_T, d, T), "better": normalizing_constant(U_T, d, T, s2)}
+        err = {k: db * (energies(true_toy_energy, y_0, t0) - energies(m, y_0, t0) - c) for k, c in consts.items()}
+        curves[name] = -(energies(m, y_grid, t0) + consts["paper"])
+        # relative error of the score on data points, ||grad U - grad U_true|| / ||grad U_true||
+        g_model, g_true = (torch.autograd.grad(f(y, t).sum(), y)[0] for f in (m, true_toy_energy))
+        s_err = (g_model - g_true).norm(dim=1) / g_true.norm(dim=1)
+        summary[name] = dict(rms_paper_c=err["paper"].pow(2).mean().sqrt().item(), score_inner=s_err[~outer].mean().item(),
+                             rms_better_c=err["better"].pow(2).mean().sqrt().item(), score_outer=s_err[outer].mean().item())
+    print(f"\nOn {n} data points: RMS error of log p (dB/dim) with the paper's c = (d/2) log(2 pi e T) - mean U_T and "
+          f"with c = (d/2) log(2 pi e (s^2 + T)) - mean U_T, s^2 = {s2:.2f}; relative error of the score grad U:")
+    for name, s in summary.items():
+        print(f"{name:>6}: log p error {s['rms_paper_c']:.3f} (paper's c) / {s['rms_better_c']:.3f} (s^2 + T) dB/dim; "
+              f"score error inner shell {100 * s['score_inner']:.1f} %, outer shell {100 * s['score_outer']:.1f} %")
+    plot_toy(rho.numpy(), {k: (db * v).numpy() for k, v in curves.items()}, cfg)
+    return summary
 
-def normalized_log_p(model, x, cfg, device, chunk=100):  # x: uint8 (N, C, H, W)
-    """log p(x) per image (nats, float64) and the constant c (spec, "Normalized log-probability"):
-    c = (d/2) log(2 pi e T) - mean_x U(x + sqrt(T) z, T);  log p(x) = -(U(x, t~0) + c)."""
-    d, T = x[0].numel(), cfg.T_MAX
-    U_T, U_0 = [], []
-    with torch.no_grad():
-        for xb in x.split(chunk):
-            xb = (xb.float() / 255).to(device)                                     # 03's images_to_float
-            tT = torch.full((len(xb),), T, device=device)
-            U_T.append(model(xb + math.sqrt(T) * torch.randn_like(xb), tT).double().cpu())
-            # "t = 0" is read at T_MIN (1e-9: noise std 3e-5, far below one grey level)
-            U_0.append(model(xb, torch.full_like(tT, cfg.T_MIN)).double().cpu())
-    c = d / 2 * math.log(2 * math.pi * math.e * T) - torch.cat(U_T).mean().item()
-    return -(torch.cat(U_0) + c), c
+def plot_toy(rho, logp_db, cfg):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k, c, ls, label in (("true", "k", "-", "true"), ("single", "tab:red", "--", "single SM (DSM only)"),
+                            ("dual", "tab:blue", ":", "dual SM (DSM + TSM)")):
+        axes[0].plot(rho, logp_db[k], color=c, ls=ls, lw=2, label=label)
+        axes[1].plot(rho, logp_db[k] - logp_db["true"], color=c, ls=ls, lw=2)
+    for ax in axes:
+        ax.axvspan(0.97, 1.03, color="0.85", zorder=0), ax.axvspan(3.9, 4.1, color="0.85", zorder=0)  # data shells
+        ax.set(xlabel="r / sqrt(d)  (grey bands: the data shells)", xlim=(0, 5))
+    axes[0].set(ylabel="log p(x)  [dB/dim]", title=f"normalized log p at t = {cfg.TOY_T_MIN:g}, d = {cfg.TOY_DIM}")
+    axes[1].set(ylabel="model - true  [dB/dim]", title="error of the normalized log p (paper's c)")
+    axes[0].legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.OUT_DIR, "05_dual_score.png"), dpi=80)
+    print(f"figure: {os.path.join(cfg.OUT_DIR, '05_dual_score.png')}")
 
+# ============================ part 2: images ============================
+class HomogeneousNorm(nn.Module):
+    """The authors' "homogeneous" normalization, per sample: centre each channel, divide by its std, multiply
+    by sqrt(mean channel variance): the input's overall scale is KEPT. Per-channel weight, no bias, x (1 + g(t))."""
+    def __init__(self, channels, emb_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.gain = nn.Linear(emb_dim, channels, bias=False)
+        nn.init.zeros_(self.gain.weight)                                            # gain starts at 1
 
-def bits_per_dim(log_p, d):
-    """8-bit NLL estimate: 8 + mean(-log p) / (d ln 2), float64 (no dequantization: an estimate)."""
-    return 8 + (-log_p.double()).mean().item() / (d * math.log(2))
+    def forward(self, h, emb):  # (B, C, H, W), (B, E) -> (B, C, H, W)
+        var = h.var(dim=(2, 3), keepdim=True, unbiased=False) + 1e-12             # (B, C, 1, 1)
+        h = (h - h.mean(dim=(2, 3), keepdim=True)) * (var.mean(1, keepdim=True) / var).sqrt()
+        return h * (self.weight * (1 + self.gain(emb)))[:, :, None, None]
 
+class Block(nn.Module):
+    """3 x (bias-free 3x3 conv -> homogeneous normalization modulated by t -> GELU)."""
+    def __init__(self, c_in, c_out, emb_dim):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(c_out if i else c_in, c_out, 3, padding=1, bias=False) for i in range(3)])
+        self.norms = nn.ModuleList([HomogeneousNorm(c_out, emb_dim) for _ in range(3)])
 
-def per_noise_report(model, x, cfg, device, n_levels=9, chunk=50):
-    """At each t: DSM, TSM, mass conservation mean(t d_t U / d), denoising PSNR and d_eff / d."""
-    d, rows = x[0].numel(), []
+    def forward(self, h, emb):
+        for conv, norm in zip(self.convs, self.norms):
+            h = F.gelu(norm(conv(h), emb))
+        return h
+
+class ScoreUNet(nn.Module):
+    """s(y, t): bias-free UNet, 3 scales (C, 2C, 4C) + a middle block (8C), 2x2 strided conv down, transposed
+    conv up. Sides are zero-padded to a multiple of 8 inside and cropped back (28x28 keeps d = 784)."""
+    def __init__(self, in_channels=1, width=16, emb_dim=256):
+        super().__init__()
+        self.model_args = dict(in_channels=in_channels, width=width, emb_dim=emb_dim)
+        C, E, chans = width, emb_dim, [width, 2 * width, 4 * width]
+        # t -> sinusoids of log10 t -> MLP 64 -> E -> E (SiLU); the authors' raw-t sinusoids are flat below t ~ 1e-2
+        self.register_buffer("freqs", torch.logspace(0, -2, 32) * math.pi)
+        self.embed = nn.Sequential(nn.Linear(64, E), nn.SiLU(), nn.Linear(E, E), nn.SiLU())
+        self.enc = nn.ModuleList([Block(c_in, c, E) for c_in, c in zip([in_channels] + chans[1:], chans)])
+        self.down = nn.ModuleList([nn.Conv2d(c, 2 * c, 2, stride=2, bias=False) for c in chans])
+        self.mid = Block(8 * C, 8 * C, E)
+        self.up = nn.ModuleList([nn.ConvTranspose2d(2 * c, c, 2, stride=2, bias=False) for c in chans])
+        self.dec = nn.ModuleList([Block(2 * c, c, E) for c in chans])
+        self.out = nn.Conv2d(C, in_channels, 3, padding=1, bias=False)
+
+    def score(self, y, t):  # (B, C, H, W), (B,) -> s (B, C, H, W)
+        a = torch.log10(t)[:, None] * self.freqs                                   # (B, 32)
+        emb = self.embed(torch.cat([a.sin(), a.cos()], dim=1))                     # (B, E)
+        H, W = y.shape[2:]
+        h, skips = F.pad(y, (0, -W % 8, 0, -H % 8)), []
+        for block, down in zip(self.enc, self.down):                               # 3 scales, then 1/8
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid(h, emb)
+        for block, up in zip(reversed(self.dec), reversed(self.up)):
+            h = block(torch.cat([up(h), skips.pop()], dim=1), emb)
+        return self.out(h)[:, :, :H, :W]
+
+    def forward(self, y, t):  # energy U(y, t) = 0.5 <y, s(y, t)>, (B,)
+        return 0.5 * (y * self.score(y, t)).flatten(1).sum(dim=1)
+
+def dequantize(x_uint8, generator=None):
+    """x = (k + u) / 256, u ~ U[0,1): the continuous data whose density the headline NLL measures."""
+    return (x_uint8.float() + torch.rand(x_uint8.shape, generator=generator)) / 256
+
+def normalized_log_p(energy, x, c, t0, device="cpu"):
+    """log p(x) = -(U(x, t0) + c) in nats, float64 (B,): one forward pass at t0 ~ 0."""
+    return -(energies(energy, x, t0, device) + c)
+
+def image_density(energy, x_uint8, t0, T, n_draws=4, generator=None, device="cpu"):
+    """The constant c (one noise draw per image), then per-image bits/dim in both conventions: dequantized
+    (headline; 04's estimator, real pixels only) and the paper's single pass at x = k/255. dict(c, deq, single)."""
+    dq = load_numbered("04_langevin_sampling.py")
+    y_T = dequantize(x_uint8, generator) + math.sqrt(T) * torch.randn(x_uint8.shape, generator=generator)
+    c = normalizing_constant(energies(energy, y_T, T, device), x_uint8[0].numel(), T)
+    log_p = functools.partial(normalized_log_p, energy, c=c, t0=t0, device=device)
+    return {"c": c, "deq": dq.dequantized_bits_per_dim(log_p, x_uint8, n_draws, generator),
+            "single": dq.continuous_bits_per_dim(log_p, x_uint8)}
+
+def load_split(mdsm, cfg, split):
+    """uint8 (N, C, H, W), real pixels only: 03 zero-pads 28x28 digits to 32x32, and padding is not data."""
+    x = mdsm.load_images(cfg.DATASET, cfg.DATA_DIR, split, cfg.IMAGE_SIZE)
+    return x[:, :, 2:-2, 2:-2] if cfg.IMAGE_SIZE == 0 and cfg.DATASET in mdsm.IDX_FILES else x
+
+def start_model(cfg, channels, device, ckpt_path, mdsm):
+    """(model, optimizer, scheduler, step, curve): fresh, or the checkpoint's with --resume."""
+    model = ScoreUNet(channels, cfg.WIDTH).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.LR)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.LR_HALVE_EVERY, gamma=0.5)
+    if cfg.RESUME != os.path.isfile(ckpt_path):  # never a silent fresh start, never an overwrite
+        raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}; run without --resume to start one" if cfg.RESUME else
+                         f"error: {ckpt_path} already exists; pass --resume to continue it, --eval_only to evaluate it, "
+                         f"or another --out_dir (nothing was overwritten)")
+    if not cfg.RESUME:
+        return model, opt, sched, 0, []
+    ck = mdsm.load_checkpoint(ckpt_path, kind="dual-score")
+    if ck["model_args"] != model.model_args:
+        raise SystemExit(f"error: {ckpt_path} holds a ScoreUNet{ck['model_args']} but this run builds "
+                         f"{model.model_args}; pass the same --width/--dataset, or another --out_dir")
+    changed = [k for k in ("LR", "LR_HALVE_EVERY") if ck["config"].get(k) != getattr(cfg, k)]
+    if changed:  # the optimizer and its schedule come back from the checkpoint: a new value would be ignored
+        raise SystemExit(f"error: --resume keeps the optimizer and lr schedule of {ckpt_path}, but {', '.join('--' + k.lower() for k in changed)} "
+                         f"differ from that run's; start a new run (another --out_dir) to change them")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    print(f"resumed at step {ck['step']} from {ckpt_path}")
+    return model, opt, sched, ck["step"], ck["curve"]
+
+def train_images(cfg, x_train, x_curve, device, ckpt_path, mdsm):
+    """Adam on E_t E_{x,z}[L_DSM + TSM_WEIGHT L_TSM] over dequantized images; every EVAL_EVERY steps a
+    point of the bits/dim-versus-steps curve on x_curve (1 draw). Returns (model, curve)."""
+    model, opt, sched, start, curve = start_model(cfg, x_train.shape[1], device, ckpt_path, mdsm)
+    print(f"ScoreUNet width {cfg.WIDTH}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters, {cfg.PRECISION} on {device}")
+    gen, t_start = torch.Generator().manual_seed(cfg.SEED + start), time.time()  # gen: batches, t and noise
+    for step in range(start + 1, cfg.STEPS + 1):
+        x = dequantize(x_train[torch.randint(len(x_train), (cfg.BATCH,), generator=gen)], gen)
+        if x.shape[1] == 3:                                                         # flips: colour only
+            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(3), x)
+        t, z = log_uniform(len(x), cfg.T_MIN, cfg.T_MAX, gen), torch.randn(x.shape, generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.PRECISION == "bf16"):
+            dsm, tsm, *_ = dual_score_losses(model, x.to(device), t.to(device), z.to(device))
+        loss = (dsm + cfg.TSM_WEIGHT * tsm).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()  # noqa: E702
+        progress(step - start, cfg.STEPS - start, t_start)
+        if not math.isfinite(loss.item()) or loss.item() > 1e6:  # never save a diverged model
+            raise SystemExit(f"error: the loss became {loss.item():.3g} at step {step}; stopped without saving "
+                             f"(a previous checkpoint {ckpt_path} is kept). Try a lower --lr")
+        if step % cfg.LOG_EVERY == 0 or step == cfg.STEPS:
+            log_line(step, {"loss": loss.item(), "dsm": dsm.mean().item(), "tsm": tsm.mean().item(), "it/s": (step - start) / (time.time() - t_start)})
+        if (cfg.EVAL_EVERY and step % cfg.EVAL_EVERY == 0) or step == cfg.STEPS:
+            bpd = image_density(model, x_curve, cfg.T_MIN, cfg.T_MAX, 1, torch.Generator().manual_seed(1), device)
+            curve.append((step, time.time() - t_start, bpd["deq"].mean().item()))
+            log_line(step, {"dequantized bits/dim": curve[-1][2], "test images": len(x_curve)})
+        if step % cfg.CKPT_EVERY == 0 or step == cfg.STEPS:
+            mdsm.save_checkpoint(mdsm.make_checkpoint(model, vars(cfg), step, opt, sched, kind="dual-score", curve=curve), ckpt_path)
+    return model, curve
+
+def mass_conservation(model, x_uint8, cfg, device, n_levels=7):
+    """Mean over y ~ p_t of t d_t U / d at each t: 0 for any normalized density (spec, derived). [(t, value)]"""
+    gen, rows = torch.Generator().manual_seed(2), []
     for t_val in np.logspace(math.log10(cfg.T_MIN), math.log10(cfg.T_MAX), n_levels):
-        acc = {"dsm": 0.0, "tsm": 0.0, "mass": 0.0, "psnr": 0.0, "deff": 0.0}
-        for xb in x.split(chunk):
-            xb = (xb.float() / 255).to(device)
-            t = torch.full((len(xb),), float(t_val), device=device)
-            dsm, tsm, U, y, g_y, g_t = dual_score_losses(model, xb, t, torch.randn_like(xb), create_graph=False)
-            # Tweedie / Miyasawa denoiser D(y, t) = y - t grad_y U
-            mse = (y - t_val * g_y - xb).detach().pow(2).flatten(1).mean(1).double()
-            for k, v in (("dsm", dsm), ("tsm", tsm), ("mass", t * g_t / d),
-                         ("psnr", -10 * torch.log10(mse)), ("deff", mse / t_val)):
-                acc[k] += v.detach().double().sum().item() / len(x)
-        rows.append(dict(t=float(t_val), **acc))  # deff above is d_eff / d (per-pixel MSE / t)
+        x, t = dequantize(x_uint8, gen), torch.full((len(x_uint8),), float(t_val))
+        *_, g_t = dual_score_losses(model, x.to(device), t.to(device), torch.randn(x.shape, generator=gen).to(device), False)
+        rows.append((float(t_val), (t_val * g_t / x[0].numel()).mean().item()))
     return rows
 
+def report(model, x_train, x_test, cfg, device, curve):
+    """Headline (dequantized) and single-pass bits/dim beside the baselines on the same split, mass
+    conservation, figure. Returns the dequantized bits/dim."""
+    gen = torch.Generator().manual_seed(cfg.SEED + 1)
+    res = image_density(model, x_test, cfg.T_MIN, cfg.T_MAX, cfg.N_DRAWS, gen, device)
+    base = load_numbered("04_langevin_sampling.py").baseline_bits_per_dim(x_train, x_test, gen)
+    bpd = res["deq"].mean().item()
+    print(f"test NLL in bits/dim, {len(x_test)} test images of {tuple(x_test.shape[1:])} (d = {x_test[0].numel()}):")
+    print(f"  dual score model, dequantized ({cfg.N_DRAWS} draws; the headline)  {bpd:7.3f}")
+    print(f"  dual score model, paper's single pass at x = k/255   {res['single'].mean().item():7.3f}")
+    print("\n".join(f"  baseline: {name:<41} {v:7.3f}" for name, v in base.items()))
+    if bpd > base["diagonal Gaussian"]:
+        print("WARNING: the model is WORSE than a diagonal Gaussian fitted to the training pixels: not useful yet")
+    mass = mass_conservation(model, x_test[:100], cfg, device)
+    print("mass conservation, mean t d_t U / d (0 for a density): " + "  ".join(f"t={t:.0e}: {v:+.3f}" for t, v in mass))
+    plot_images(curve, base, mass, os.path.join(cfg.OUT_DIR, f"05_dual_score_{cfg.NAME}.png"))
+    return bpd
 
-def evaluate(model, x_test, cfg, device, out_dir, tag=""):
-    model.eval()
-    d = x_test[0].numel()
-    log_p, c = normalized_log_p(model, x_test, cfg, device)
-    bpd = bits_per_dim(log_p, d)
-    print(f"normalization constant c = {c:.1f} nats at T = {cfg.T_MAX:g}; test log p = "
-          f"{db_per_dim(log_p.mean().item(), d):.3f} dB/dim; NLL = {bpd:.3f} bits/dim "
-          f"({len(x_test)} test images, 8-bit convention, no dequantization)")
-    rows = per_noise_report(model, x_test[:200], cfg, device)
-    print(f"{'t':>8} {'PSNR in':>8} | {'L_DSM':>7} {'L_TSM':>8} | {'t dtU/d':>8} | {'PSNR out':>8} | d_eff/d")
-    for r in rows:
-        print(f"{r['t']:8.1e} {-10 * math.log10(r['t']):8.1f} | {r['dsm']:7.4f} {r['tsm']:8.5f} | "
-              f"{r['mass']:+8.4f} | {r['psnr']:8.2f} | {r['deff']:.4f}")
-    plot_images_eval(rows, log_p, x_test, d, os.path.join(out_dir, f"05_dual_score_{cfg_name(cfg)}{tag}.png"))
-    return bpd, log_p, rows
-
-
-def plot_images_eval(rows, log_p, x_test, d, path):
-    import matplotlib
-    matplotlib.use("Agg")
+def plot_images(curve, base, mass, path):
     import matplotlib.pyplot as plt
-    t = np.array([r["t"] for r in rows])
-    fig, ax = plt.subplots(2, 3, figsize=(14, 8))
-    ax[0, 0].loglog(t, [r["dsm"] for r in rows], "o-", label="L_DSM")
-    ax[0, 0].loglog(t, [r["tsm"] for r in rows], "s-", label="L_TSM")
-    ax[0, 0].set_title("losses per noise level")
-    ax[0, 0].legend()
-    ax[0, 1].semilogx(t, [r["mass"] for r in rows], "o-")
-    ax[0, 1].axhline(0, color="k", lw=0.5)
-    ax[0, 1].set_title("mass conservation: mean t d_t U / d (should be 0)")
-    ax[0, 2].plot(-10 * np.log10(t), [r["psnr"] for r in rows], "o-", label="denoiser")
-    ax[0, 2].plot(-10 * np.log10(t), -10 * np.log10(t), "k--", lw=0.8, label="identity")
-    ax[0, 2].set_xlabel("input PSNR (dB)")
-    ax[0, 2].set_title("denoising PSNR")
-    ax[0, 2].legend()
-    ax[1, 0].semilogx(t, [r["deff"] for r in rows], "o-")
-    ax[1, 0].set_title("effective dimensionality d_eff(t) / d")
-    for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
-        a.set_xlabel("t (noise variance)")
-    bpd = 8 - log_p.numpy() / (d * math.log(2))
-    ax[1, 1].hist(bpd, bins=40)
-    ax[1, 1].set_xlabel("bits/dim of each test image")
-    ax[1, 1].set_title("test NLL histogram")
-    order = torch.argsort(log_p, descending=True)
-    picks = torch.cat([order[:8], order[-8:]])                                  # most, least likely
-    imgs = x_test[picks].float() / 255                                          # (16, C, H, W)
-    grid = torch.cat([torch.cat(list(imgs[:8]), dim=2), torch.cat(list(imgs[8:]), dim=2)], dim=1)
-    ax[1, 2].imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-    ax[1, 2].set_title("top row: most likely, bottom: least likely")
-    ax[1, 2].axis("off")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax[0].plot([c[0] for c in curve], [c[2] for c in curve], "o-", label="dual score model")
+    for (name, v), ls in zip(base.items(), ("-", "--", "-.", ":")):
+        ax[0].axhline(v, color="k", ls=ls, lw=0.8, label=f"{name} {v:.2f}")
+    ax[0].set(xlabel="training step", ylabel="test bits/dim (dequantized)", title="NLL during training")
+    ax[0].legend(fontsize=7)
+    ax[1].semilogx(*zip(*mass), "o-"), ax[1].axhline(0, color="k", lw=0.5)
+    ax[1].set(xlabel="t (noise variance)", ylabel="mean t d_t U / d", title="mass conservation (0 for a density)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     print(f"figure: {path}")
 
-
-def cfg_name(cfg):
-    return os.path.splitext(os.path.basename(cfg.DATASET))[0]
-
-
 def image_main(cfg):
-    mdsm = load_numbered("03_mdsm_train.py")  # reuse 03's data loaders and checkpoint handling
+    mdsm = load_numbered("03_mdsm_train.py")  # 03's data loaders and atomic checkpoints
     device = pick_device(cfg.DEVICE)
-    x_train = mdsm.load_images(cfg.DATASET, cfg.DATA_DIR, "train")               # uint8 (N, C, H, W)
-    x_test = mdsm.load_images(cfg.DATASET, cfg.DATA_DIR, "test")[:cfg.N_TEST]
-    if cfg.N_TRAIN > 0:
-        x_train = x_train[:cfg.N_TRAIN]
-    if x_train.shape[2] % 4 or x_train.shape[3] % 4:
-        raise SystemExit(f"error: images are {x_train.shape[2]}x{x_train.shape[3]}; the UNet needs sides divisible by 4")
-    os.makedirs(cfg.OUT_DIR, exist_ok=True)
-    ckpt_path = cfg.CKPT or os.path.join(cfg.OUT_DIR, f"{cfg_name(cfg)}.pt")
-    d = x_train[0].numel()
-    print(f"data: {len(x_train)} train / {len(x_test)} test images of shape {tuple(x_train.shape[1:])}, d = {d}")
-    new_model = lambda: ScoreUNet(x_train.shape[1], cfg.WIDTH, cfg.T_MIN, cfg.T_MAX).to(device)
-    if cfg.STRONG_GEN:  # two models on disjoint halves, compared on the same test images
-        half, log_ps = len(x_train) // 2, []
-        for k, part in enumerate((x_train[:half], x_train[half:2 * half])):
-            print(f"-- model {k + 1} on {len(part)} training images")
-            torch.manual_seed(cfg.SEED + k)
-            model = train_images(new_model(), part, cfg, device, ckpt_path.replace(".pt", f"_half{k + 1}.pt"), mdsm)
-            log_ps.append(evaluate(model, x_test, cfg, device, cfg.OUT_DIR, f"_half{k + 1}")[1])
-        rms = db_per_dim(log_ps[0] - log_ps[1], d).pow(2).mean().sqrt().item()
-        print(f"strong generalization: N = {half} per model, RMS difference of test log p = {rms:.3f} dB/dim "
-              f"(paper: 0.19 dB/dim at N = 1e5 on ImageNet64)")
-        return rms
-    if cfg.EVAL_ONLY:
-        ck = mdsm.load_checkpoint(ckpt_path, kind="dual-score")
-        model = ScoreUNet(**ck["model_args"]).to(device)
+    x_train, x_test = load_split(mdsm, cfg, "train")[:cfg.N_TRAIN or None], load_split(mdsm, cfg, "test")[:cfg.N_TEST]
+    cfg.NAME = os.path.splitext(os.path.basename(cfg.DATASET))[0] + (str(cfg.IMAGE_SIZE) if cfg.IMAGE_SIZE else "")
+    ckpt_path = os.path.join(cfg.OUT_DIR, f"{cfg.NAME}.pt")  # e.g. mnist16.pt
+    print(f"data: {len(x_train)} train / {len(x_test)} test images of shape {tuple(x_train.shape[1:])}")
+    if not cfg.EVAL_ONLY:
+        model, curve = train_images(cfg, x_train, x_test, device, ckpt_path, mdsm)
+        return report(model, x_train, x_test, cfg, device, curve)
+    ck = mdsm.load_checkpoint(ckpt_path, kind="dual-score")
+    try:
+        model = ScoreUNet(**ck["model_args"])
         model.load_state_dict(ck["model"])
-    else:
-        model = new_model()
-        print(f"ScoreUNet width {cfg.WIDTH}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
-        model = train_images(model, x_train, cfg, device, ckpt_path, mdsm)
-        if model is None:  # --benchmark
-            return None
-    return evaluate(model, x_test, cfg, device, cfg.OUT_DIR)[0]
+    except (TypeError, RuntimeError):
+        raise SystemExit(f"error: the weights in {ckpt_path} do not fit ScoreUNet({ck['model_args']})") from None
+    return report(model.to(device), x_train, x_test, cfg, device, ck.get("curve", []))
 
+def validate(cfg):
+    """Every knob checked before any work: one line naming the knob and what is allowed."""
+    rules = [(k, getattr(cfg, k) > 0, "> 0") for k in ("STEPS", "BATCH", "LR", "LR_HALVE_EVERY", "WIDTH", "N_TEST", "N_DRAWS",
+             "LOG_EVERY", "CKPT_EVERY", "TOY_SAMPLES", "TOY_STEPS", "TOY_BATCH", "TOY_LR", "TOY_HALVE_EVERY",
+             "T_MIN", "TOY_T_MIN")] + [(k, getattr(cfg, k) >= 0, ">= 0") for k in ("TSM_WEIGHT", "IMAGE_SIZE", "N_TRAIN", "EVAL_EVERY")]
+    rules += [("TOY_DIM", cfg.TOY_DIM >= 2, ">= 2"), ("PRECISION", cfg.PRECISION in ("fp32", "bf16"), "fp32 or bf16"),
+              ("T_MAX", cfg.T_MAX > cfg.T_MIN, "> t_min"), ("TOY_T_MAX", cfg.TOY_T_MAX > cfg.TOY_T_MIN, "> toy_t_min")]
+    for key, ok, allowed in rules:
+        if not ok:
+            raise SystemExit(f"error: --{key.lower()}={getattr(cfg, key)} is out of range; allowed: {allowed}")
+    try:  # the output folder must take a file before any training time is spent
+        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.OUT_DIR).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir={cfg.OUT_DIR} is not writable ({e.strerror}); choose another --out_dir") from None
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
+    validate(cfg)
     set_seed(cfg.SEED)
-    if cfg.DATASET == "toy":
-        return toy_main(cfg)
-    return image_main(cfg)
+    return toy_main(cfg) if cfg.DATASET == "toy" else image_main(cfg)
 
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====

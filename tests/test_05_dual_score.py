@@ -1,4 +1,5 @@
-"""05: dual score matching. Closed-form checks on Gaussians / the scale mixture, then tiny runs."""
+"""05: dual score matching. Closed-form checks on Gaussians / the scale mixture, the network's response
+to input scaling, the bits/dim of an exact energy through 05's own evaluation path, then tiny runs."""
 import math
 
 import numpy as np
@@ -53,67 +54,182 @@ def test_time_score_identity_on_the_mixture(script):
         s2k = torch.tensor(m.TOY_SIGMA2, dtype=torch.float64)[k][:, None]
         x = s2k / (s2k + t) * y + (s2k * t / (s2k + t)).sqrt() * torch.randn(n, d, generator=g, dtype=torch.float64)
         target = d / (2 * t) - (y - x).pow(2).sum(1) / (2 * t ** 2)
-        r2 = y.pow(2).sum().reshape(1)
         tt = torch.tensor([t], dtype=torch.float64, requires_grad=True)
-        (dU_dt,) = torch.autograd.grad(m.true_radial_energy(r2, tt, d).sum(), tt)
+        (dU_dt,) = torch.autograd.grad(m.true_toy_energy(y[None], tt).sum(), tt)
         ok, info = close(target, dU_dt.item())
         assert ok, (radius, info)
 
 
-def test_normalization_recovers_the_log_normalizer(script):
-    """An energy off by an unknown constant K is normalized back: c = -K (Gaussian: exact)."""
+def test_normalizing_constants_paper_and_data_variance(script):
+    """Exact Gaussian energy off by K: the paper's c = (d/2) log(2 pi e T) - mean U_T = -K + (d/2) log(T / v),
+    the data-variance constant = -K (v = s2 + T)."""
     m = script("05_dual_score.py")
     g = torch.Generator().manual_seed(3)
-    d, n, s2, T, K = 50, 20000, 2.0, 100.0, 37.5
+    d, n, s2, T, K = 50, 20000, 2.0, 10.0, 37.5
     y = math.sqrt(s2 + T) * torch.randn(n, d, generator=g, dtype=torch.float64)  # y ~ p_T, mu = 0
     U_T = gaussian_energy(torch.zeros(1, d, dtype=torch.float64), s2)(y, torch.full((n,), T, dtype=torch.float64)) + K
-    c = m.normalizing_constant(U_T, s2, d, T)
-    assert abs(c + K) < 0.3, c                                                  # MC error ~ sqrt(d/2/n) = 0.035
+    se = math.sqrt(d / 2 / n)                                                   # std of mean U_T: 0.035
+    assert abs(m.normalizing_constant(U_T, d, T) - (-K + d / 2 * math.log(T / (s2 + T)))) < 5 * se
+    assert abs(m.normalizing_constant(U_T, d, T, s2) + K) < 5 * se
 
 
-def test_toy_training_dual_gets_the_normalization_and_single_does_not(script, tmp_path):
+def test_bits_per_dim_of_an_exact_gaussian_energy_both_conventions(script):
+    """Through 05's image_density (c from U at T, log p read at t0): per image, the dequantized bits/dim is
+    8 + (E_u U((k + u)/256, t0) + c) / (d ln 2) in closed form, the single pass 8 + (U(k/255, t0) + c) / (d ln 2)."""
     m = script("05_dual_score.py")
+    g = torch.Generator().manual_seed(4)
+    n, mu, s2, t0, T = 3000, 0.2, 0.01, 1e-6, 10.0
+    k = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)     # d = 16
+    d, v0, vT = 16, s2 + t0, s2 + T
+    res = m.image_density(gaussian_energy(mu, s2), k, t0, T, n_draws=64, generator=g)
+    # c: E over u, z of U((k + u)/256 + sqrt(T) z, T), E((k + u)/256 - mu)^2 = ((k + 1/2)/256 - mu)^2 + 1/(12 256^2)
+    sq = (((k.double() + 0.5) / 256 - mu) ** 2 + 1 / (12 * 256 ** 2)).flatten(1).sum(1)  # (n,)
+    c_exact = d / 2 * math.log(2 * math.pi * math.e * T) - ((sq.mean() + d * T) / (2 * vT)).item() - d / 2 * math.log(2 * math.pi * vT)
+    assert abs(res["c"] - c_exact) < 5 * math.sqrt(d / 2 / n), (res["c"], c_exact)
+    deq_exact = 8 + (sq / (2 * v0) + d / 2 * math.log(2 * math.pi * v0) + res["c"]) / (d * math.log(2))
+    err = res["deq"] - deq_exact                                                # MC error of 64 draws of u only
+    assert err.abs().mean() < 0.02 and abs(err.mean()) < 0.002, (err.abs().mean(), err.mean())  # seen 0.002, 3e-5
+    single = ((k.double() / 255 - mu) ** 2).flatten(1).sum(1) / (2 * v0) + d / 2 * math.log(2 * math.pi * v0)
+    assert torch.allclose(res["single"], 8 + (single + res["c"]) / (d * math.log(2)), atol=1e-4)
+
+
+def test_homogeneous_norm_centres_equalizes_and_keeps_the_scale(script):
+    m = script("05_dual_score.py")
+    torch.manual_seed(5)
+    norm = m.HomogeneousNorm(3, emb_dim=4)
+    h = torch.randn(2, 3, 5, 5) * torch.tensor([0.1, 1.0, 7.0]).view(1, 3, 1, 1) + 2.0
+    out = norm(h, torch.zeros(2, 4)).detach()
+    assert out.mean(dim=(2, 3)).abs().max() < 1e-5                              # each channel centred
+    target = h.var(dim=(2, 3), unbiased=False).mean(1, keepdim=True).sqrt()      # sqrt(mean channel variance)
+    assert torch.allclose(out.std(dim=(2, 3), unbiased=False), target.expand(2, 3), rtol=1e-4)
+    assert torch.allclose(norm(10 * h, torch.zeros(2, 4)), 10 * out, rtol=1e-4, atol=1e-4)  # scale kept
+
+
+def score_growth(m, lam):
+    """||s(lam y, t)|| / ||s(y, t)|| of a seeded width-4 ScoreUNet at t = 1."""
+    torch.manual_seed(6)
+    net = m.ScoreUNet(1, 4)
+    y, t = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(7)), torch.ones(2)
+    with torch.no_grad():
+        return (net.score(lam * y, t).norm() / net.score(y, t).norm()).item()
+
+
+def test_network_score_grows_with_the_input_scale(script):
+    """The homogeneous normalization keeps the input's scale, and GELU is ~ReLU for large inputs, so
+    s(lam y) ~ lam s(y): U = 0.5 <y, s> grows quadratically, like any density with Gaussian tails."""
+    m = script("05_dual_score.py")
+    assert 5 < score_growth(m, 10.0) < 30 and 7 < score_growth(m, 1000.0) / score_growth(m, 100.0) < 20  # seen 17, 14
+    assert score_growth(m, 0.1) < 0.5                                           # s(0.1 y) != s(y) (seen 0.09)
+
+
+def test_the_old_rms_normalization_made_the_score_scale_invariant(script, monkeypatch):
+    """The check above fails on the old design (divide each channel by its RMS): s(lam y) = s(y) exactly."""
+    m = script("05_dual_score.py")
+
+    def rms_norm(self, h, emb):
+        rms = h.pow(2).mean(dim=(2, 3), keepdim=True).add(1e-12).sqrt()
+        return h / rms * (self.weight * (1 + self.gain(emb)))[:, :, None, None]
+    monkeypatch.setattr(m.HomogeneousNorm, "forward", rms_norm)
+    assert score_growth(m, 10.0) == pytest.approx(1.0, abs=1e-4)
+    assert score_growth(m, 0.1) == pytest.approx(1.0, abs=1e-4)
+
+
+class ExactCoefficients(torch.nn.Module):
+    """[a1, a2, b1, b2](log(t + 1e-2)) of N(0, s2 I) written twice (both components the same Gaussian)."""
+    def __init__(self, s2, d):
+        super().__init__()
+        self.s2, self.d = s2, d
+
+    def forward(self, log_t):
+        v = self.s2 + log_t.exp() - 1e-2
+        return torch.cat([1 / (2 * v)] * 2 + [0.5 * torch.log(2 * math.pi * v) + math.log(2) / self.d] * 2, dim=1)
+
+
+def test_radial_energy_with_exact_coefficients_is_the_gaussian_and_reaches_the_minima(script):
+    m = script("05_dual_score.py")
+    g = torch.Generator().manual_seed(8)
+    d, s2, n = 40, 2.0, 20000
+    model = m.RadialEnergy(d)
+    model.mlp = ExactCoefficients(s2, d)
+    for t_val in (0.05, 3.0):
+        x = math.sqrt(s2) * torch.randn(n, d, generator=g, dtype=torch.float64)
+        t = torch.full((n,), t_val, dtype=torch.float64)
+        dsm, tsm, U, y, *_ = m.dual_score_losses(model, x, t, torch.randn(n, d, generator=g, dtype=torch.float64))
+        assert torch.allclose(U, gaussian_energy(0.0, s2)(y, t), atol=1e-8)
+        v = s2 + t_val
+        assert close(dsm, s2 / v)[0] and close(tsm, (s2 ** 2 + 2 * s2 * t_val) / (2 * d * v ** 2))[0]
+
+
+def test_toy_trains_through_the_general_loss_and_dual_gets_the_normalization(script, tmp_path, monkeypatch):
+    m = script("05_dual_score.py")
+    calls = []
+    general = m.dual_score_losses
+    monkeypatch.setattr(m, "dual_score_losses", lambda *a, **k: calls.append(1) or general(*a, **k))
     summary = m.main(["--toy_dim=100", "--toy_steps=600", "--toy_samples=5000", "--toy_halve_every=300",
-                      f"--out_dir={tmp_path}"])
-    assert (tmp_path / "05_dual_score.png").exists()
-    assert summary["dual"]["rms"] < 1.0, summary                                # dB/dim (seen: 0.57)
-    assert summary["single"]["rms"] > 3 * summary["dual"]["rms"], summary       # (seen: 6.2)
+                      "--toy_batch=128", f"--out_dir={tmp_path}"])
+    assert len(calls) == 1200 and (tmp_path / "05_dual_score.png").exists()
+    assert summary["dual"]["rms_paper_c"] < 2.0, summary                        # dB/dim (seen: 1.28)
+    assert summary["single"]["rms_paper_c"] > 3 * summary["dual"]["rms_paper_c"], summary  # (seen: 5.6)
 
 
-def test_image_mode_smoke_on_tiny_npz(script, tmp_path):
-    m = script("05_dual_score.py")
+@pytest.fixture
+def tiny_npz(tmp_path):
     rng = np.random.default_rng(0)
-    x = (rng.random((40, 8, 8)) * 255).astype(np.uint8)
+    x = (rng.random((96, 8, 8)) * 255).astype(np.uint8)
     path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=x[:32], x_test=x[32:])
-    args = [f"--dataset={path}", "--steps=3", "--batch=4", "--width=4", "--n_test=8", "--device=cpu",
-            f"--out_dir={tmp_path}"]
+    np.savez(path, x_train=x[:80], x_test=x[80:])
+    return path
+
+
+def test_image_mode_trains_evaluates_resumes_and_refuses_clearly(script, tmp_path, tiny_npz, capsys):
+    m = script("05_dual_score.py")
+    out = tmp_path / "out"
+    args = [f"--dataset={tiny_npz}", "--steps=3", "--batch=4", "--width=2", "--n_test=8", "--n_draws=1",
+            "--device=cpu", f"--out_dir={out}"]
     bpd = m.main(args)
-    assert math.isfinite(bpd) and (tmp_path / "tiny.pt").exists() and (tmp_path / "05_dual_score_tiny.png").exists()
-    assert m.main(args + ["--eval_only"]) == pytest.approx(bpd, abs=0.5)          # reloads the checkpoint
+    text = capsys.readouterr().out
+    assert math.isfinite(bpd) and (out / "tiny.pt").exists() and (out / "05_dual_score_tiny.png").exists()
+    assert "baseline: full-covariance Gaussian" in text and "WARNING: the model is WORSE" in text
+    assert m.main(args + ["--eval_only"]) == pytest.approx(bpd, abs=1e-9)          # same checkpoint, same draws
     with pytest.raises(SystemExit, match="already exists; pass --resume"):
         m.main(args)                                                              # never overwrites
-    assert m.main(args[:1] + ["--steps=5"] + args[2:] + ["--resume"]) is not None  # continues from step 3
-    assert script("03_mdsm_train.py").load_checkpoint(str(tmp_path / "tiny.pt"), kind="dual-score")["step"] == 5
-    with pytest.raises(SystemExit, match="error:"):
-        m.main(["--dataset=" + str(tmp_path / "missing.npz")])
+    m.main(args[:1] + ["--steps=5"] + args[2:] + ["--resume"])
+    assert "resumed at step 3" in capsys.readouterr().out
+    assert script("03_mdsm_train.py").load_checkpoint(str(out / "tiny.pt"), kind="dual-score")["step"] == 5
+    with pytest.raises(SystemExit, match=r"holds a ScoreUNet.*pass the same --width"):
+        m.main(args[:4] + ["--width=3"] + args[5:] + ["--steps=6", "--resume"])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
+        m.main(args[:-1] + [f"--out_dir={tmp_path / 'empty'}", "--resume"])
 
 
-def test_radial_losses_of_the_exact_radial_gaussian_reach_the_minima(script):
-    """The toy's scalar-statistics losses (n_t noise levels x per_t samples) with exact coefficients."""
+@pytest.mark.parametrize("bad, message", [("--batch=0", "--batch=0 is out of range"), ("--lr=-1", "--lr=-1.0"),
+                                          ("--steps=0", "--steps=0"), ("--width=0", "--width=0"),
+                                          ("--t_min=1e4", "--t_max=1000.0"), ("--precision=fp16", "fp32 or bf16")])
+def test_bad_knobs_are_refused_at_start_up_with_one_line(script, tmp_path, bad, message):
     m = script("05_dual_score.py")
-    rng = np.random.default_rng(4)
-    d, s2, n_t, per_t = 40, 2.0, 8, 6000
-    model = m.RadialEnergy(d)
-    # both components = N(0, s2 I): a_k = 1/(2v), d b_k = (d/2) log(2 pi v) - log(1/2), v = s2 + t
-    model.coeffs = lambda t: torch.stack([1 / (2 * (s2 + t))] * 2 + [0.5 * torch.log(2 * math.pi * (s2 + t)) + math.log(2) / d] * 2, 1)
-    t = torch.tensor(np.exp(rng.uniform(math.log(0.05), math.log(10), n_t)))
-    xx = torch.tensor(s2 * rng.chisquare(d, (n_t, per_t)))
-    r2, zy, zz = m.toy_noisy_stats(xx, t[:, None].expand(n_t, per_t), d, rng)
-    dsm, tsm = m.radial_dual_losses(model, r2, zy, zz, t, d)
-    for i in range(n_t):
-        v, ti = s2 + t[i].item(), t[i].item()
-        ok, info = close(dsm[i], s2 / v)
-        assert ok, info
-        ok, info = close(tsm[i], (s2 ** 2 + 2 * s2 * ti) / (2 * d * v ** 2))
-        assert ok, info
+    with pytest.raises(SystemExit, match=f"^error: {message}" if message.startswith("--") else message):
+        m.main([bad, f"--out_dir={tmp_path}", "--toy_dim=2", "--toy_samples=4", "--toy_steps=1", "--toy_batch=2"])
+
+
+def test_unwritable_out_dir_is_refused_before_any_work(script, tmp_path):
+    m = script("05_dual_score.py")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is not writable"):
+        m.main([f"--out_dir={tmp_path / 'file' / 'sub'}"])
+
+
+def test_dequantize_fills_each_grey_level_bin_uniformly(script):
+    """Training data and c use x = (k + u)/256, u ~ U[0,1): inside [k/256, (k+1)/256), mean (k + 1/2)/256."""
+    m = script("05_dual_score.py")
+    k = torch.tensor([0, 17, 128, 255], dtype=torch.uint8).repeat(20000, 1)
+    x = m.dequantize(k, torch.Generator().manual_seed(9)).double()
+    assert torch.all(x >= k / 256) and torch.all(x <= (k.double() + 1) / 256)  # fp32 may round up to the edge
+    assert torch.allclose(x.mean(0), (k[0].double() + 0.5) / 256, atol=3e-5)          # se 1e-5
+
+
+def test_resume_refuses_a_new_learning_rate_instead_of_ignoring_it(script, tmp_path, tiny_npz):
+    m = script("05_dual_score.py")
+    args = [f"--dataset={tiny_npz}", "--steps=2", "--batch=4", "--width=2", "--n_test=8", "--n_draws=1", f"--out_dir={tmp_path}"]
+    m.main(args)
+    with pytest.raises(SystemExit, match="keeps the optimizer and lr schedule .* --lr differ"):
+        m.main(args[:1] + ["--steps=4"] + args[2:] + ["--resume", "--lr=1e-4"])
