@@ -216,6 +216,22 @@ def test_subspace_energy_pulls_back_across_the_plane_with_c_v_over_sigma0_square
     assert torch.allclose(net(x), 0.5 * c * v.pow(2).sum(1) / 0.01, atol=1e-4)
 
 
+def test_in_plane_network_adds_no_energy_of_the_distance_alone(script):
+    """f(u, log rho) - f(0, log rho) vanishes at u = 0 whatever the weights: straight out of the plane
+    only c pulls, sigma0^2 E = c dist^2 / 2 exactly (here with a random, untrained f)."""
+    m = script(FILE)
+    toy, cfg, gen = make_toy(m, 12)
+    torch.manual_seed(0)
+    net = m.Energy(12, 8, 0.1, "subspace", 2)
+    with torch.no_grad():
+        net.basis.copy_(toy.Q)
+        net.logit_c.fill_(math.log(math.expm1(0.5)))
+    v = torch.randn(3, 12, generator=gen)
+    v = v - (v @ toy.Q) @ toy.Q.T  # u = 0
+    assert torch.allclose(net(v), 0.5 * 0.5 * v.pow(2).sum(1) / 0.01, rtol=1e-5)
+    assert not torch.allclose(net(v + toy.Q[:, 0]), 0.5 * 0.5 * v.pow(2).sum(1) / 0.01, rtol=1e-3)  # f acts in P
+
+
 def test_off_plane_coefficient_is_local_in_distance(script):
     """The profile c(rho) at rho = dist/sqrt(d) is a bin mix: the bin at rho = 5 does not reach the
     single-noise shell rho = 0.1, and outside [0.05, 5] c is the end bin's value (no slope)."""
