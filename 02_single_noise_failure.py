@@ -17,9 +17,9 @@ sigma0^2 E = c(dist) dist(x, P)^2/2 + MLP(coordinates in P, dist), learned plane
 (see Energy), is trained by single-noise DSM (sigma = sigma0 = 0.1) and by MDSM; we measure the error
 ||grad E - g*|| / ||g*|| at 0.3x-10x the single shell radius and sample from N(0, I) (single: Langevin
 at T = 1; MDSM: annealed). Run: python 02_single_noise_failure.py  (about 2 minutes on one CPU core)
-Expected (seed 0, d = 256): radii match sqrt(d) and 1/sqrt(2). Single-noise DSM: gradient error 0.03
-on its shell, 1.0 at 0.3x and 10x; its chains never reach the data (0 %, many diverge). MDSM: 0.03 /
-0.02 / 0.007; 92 % of its samples on the data (exact field: 100 %).
+Expected (seed 0, d = 256): radii match sqrt(d) and 1/sqrt(2). Single-noise DSM: gradient error 0.03 on
+its shell, 1.0 at 0.3x and 10x; its chains run away (0 % on the data). MDSM: 0.03 / 0.02 / 0.007, 92 % on
+the data, mode TV 0.25 (exact field: 100 %, 0.01). At d = 16 MDSM's learned plane sticks off the data.
 """
 import math
 import os
