@@ -192,20 +192,65 @@ def test_sample_quality_by_hand(script):
     assert q["freq"] == pytest.approx([0.5, 0.5, 0.0])
 
 
-def test_subspace_energy_on_the_data_plane_pulls_back_with_v_over_sigma0_squared(script):
-    """With P = the data plane and f switched off, grad E = v / sigma0^2: the exact optimum across
-    the plane at every noise level (x~ - E[x|x~] = v)."""
+def switched_off_subspace_energy(m, toy, c):
+    """Energy with P = the data plane, f switched off and the off-plane coefficient c at every distance."""
+    net = m.Energy(toy.d, 8, 0.1, "subspace", 2)
+    with torch.no_grad():
+        net.basis.copy_(toy.Q)
+        net.logit_c.fill_(math.log(math.expm1(c)))  # softplus(logit) = c; the bins sum to 1
+        for p in (*net.pair.parameters(), *net.square.parameters()):
+            p.zero_()
+    return net
+
+
+@pytest.mark.parametrize("c", [0.1, 1.0])
+def test_subspace_energy_pulls_back_across_the_plane_with_c_v_over_sigma0_squared(script, c):
+    """sigma0^2 E = c dist^2 / 2 with a flat profile c: grad E = c v / sigma0^2 (c = 1 is the exact
+    optimum across the plane at every noise level, x~ - E[x|x~] = v; c = 0.1 is the start)."""
     m = script(FILE)
     toy, cfg, gen = make_toy(m, 12)
+    net = switched_off_subspace_energy(m, toy, c)
+    x = torch.randn(4, 12, generator=gen)
+    v = x - (x @ toy.Q) @ toy.Q.T
+    assert torch.allclose(m.grad_energy(net, x), c * v / 0.01, atol=1e-4 * c)
+    assert torch.allclose(net(x), 0.5 * c * v.pow(2).sum(1) / 0.01, atol=1e-4)
+
+
+def test_in_plane_network_adds_no_energy_of_the_distance_alone(script):
+    """f(u, log rho) - f(0, log rho) vanishes at u = 0 whatever the weights: straight out of the plane
+    only c pulls, sigma0^2 E = c dist^2 / 2 exactly (here with a random, untrained f)."""
+    m = script(FILE)
+    toy, cfg, gen = make_toy(m, 12)
+    torch.manual_seed(0)
     net = m.Energy(12, 8, 0.1, "subspace", 2)
     with torch.no_grad():
         net.basis.copy_(toy.Q)
-        for p in (*net.pair.parameters(), *net.square.parameters()):
-            p.zero_()
-    x = torch.randn(4, 12, generator=gen)
-    v = x - (x @ toy.Q) @ toy.Q.T
-    assert torch.allclose(m.grad_energy(net, x), v / 0.01, atol=1e-4)
-    assert torch.allclose(net(x), 0.5 * v.pow(2).sum(1) / 0.01, atol=1e-4)
+        net.logit_c.fill_(math.log(math.expm1(0.5)))
+    v = torch.randn(3, 12, generator=gen)
+    v = v - (v @ toy.Q) @ toy.Q.T  # u = 0
+    assert torch.allclose(net(v), 0.5 * 0.5 * v.pow(2).sum(1) / 0.01, rtol=1e-5)
+    assert not torch.allclose(net(v + toy.Q[:, 0]), 0.5 * 0.5 * v.pow(2).sum(1) / 0.01, rtol=1e-3)  # f acts in P
+
+
+def test_off_plane_coefficient_is_local_in_distance(script):
+    """The profile c(rho) at rho = dist/sqrt(d) is a bin mix: the bin at rho = 5 does not reach the
+    single-noise shell rho = 0.1, and outside [0.05, 5] c is the end bin's value (no slope)."""
+    m = script(FILE)
+    toy, cfg, gen = make_toy(m, 16)
+    net = switched_off_subspace_energy(m, toy, 1.0)
+    v = torch.randn(1, 16, generator=gen)
+    v = v - (v @ toy.Q) @ toy.Q.T
+    x = torch.cat([rho * 4.0 * v / v.norm() for rho in (0.01, 0.1, 20.0)])  # rho = 0.01, 0.1, 20 (sqrt(d) = 4)
+    before = net(x).detach()
+    with torch.no_grad():
+        net.logit_c[-1] = 5.0  # the bin centred at rho = 5 (c = 5.007 there)
+    after = net(x).detach()
+    assert after[:2] == pytest.approx(before[:2].tolist(), rel=1e-6)  # near and on the single shell: untouched
+    # rho = 20 reads the profile at rho = 5: bump weights exp(-k^2/2) normalized, k = bins from the end;
+    # sigma0^2 E = c dist^2 / 2 with dist = 20 sqrt(16) = 80
+    bump = [math.exp(-0.5 * k * k) for k in range(16)]
+    mix = (bump[0] * 5.0 + sum(bump[1:]) * math.log(math.expm1(1.0))) / sum(bump)
+    assert after[2].item() == pytest.approx(0.5 * math.log1p(math.exp(mix)) * 80.0**2 / 0.01, rel=1e-5)
 
 
 # ---- bad input (issue 16): one line naming the knob, before any work
