@@ -12,11 +12,10 @@ log Z ~ log Z_0 + log mean exp(log w), low in expectation; reverse AIS from data
   python 04_langevin_sampling.py --ckpt=out/03_mdsm_train/ckpt.pt --n_samples=1000 --batch=1000  # GPU
   python 04_langevin_sampling.py --ckpt=... --n_hot=100 --n_anneal=400 --n_cool=40   # shorter chain (CPU)
   python 04_langevin_sampling.py --ckpt=... --ais --ais_chains=100 --ais_stages=1000  # log Z, bits/dim
-Lesson 1, 2-D mixture with weights 0.60/0.30/0.10 (seed 0): plain Langevin keeps the weights of its starting
-points (0.33/0.30/0.38); MDSM's annealed temperatures recover them (0.59/0.31/0.10). Lesson 2, AIS on d = 64
-energies with exact log Z: forward below, reverse above, each within a few nats.
---ckpt writes samples.png, samples.npz, nearest.png, test_images.png; --ais prints both log Z, their gap
-("not converged" when large) and test bits/dim, log p(x) = -E(x)/T - log Z, beside trivial baselines.
+No arguments: lesson 1, a 2-D mixture with weights 0.60/0.30/0.10 (seed 0): plain Langevin keeps the weights
+of its starting points (0.33/0.30/0.38), MDSM's annealed temperatures recover them (0.59/0.31/0.10); lesson 2,
+AIS finds its log Z = 0 (+-0.1) though no chain crosses between modes. --ckpt writes samples, nearest_*.png and
+test_images.png; --ais prints both log Z, their gap, and test bits/dim (log p = -E/T - log Z) beside baselines.
 """
 import math
 import os
@@ -40,9 +39,7 @@ N_HOT = 500                  # steps at T = T_MAX
 N_ANNEAL = 2000              # steps of geometric decay from T_MAX to 1
 N_COOL = 200                 # steps of linear decay from 1 to 0
 DENOISE = True               # final one-step Tweedie denoise x - sigma0^2 grad E(x)
-DIAGNOSTICS = True           # energies (App. F), nearest.png (App. C), test_images.png; needs the data
-N_REF = 1000                 # train/test images (and samples) used for energy and distance statistics
-N_NEIGHBORS = 5              # nearest training images shown beside each of 8 samples
+N_REF = 1000                 # train/test images and samples for the energy (App. F) and distance (App. C) checks
 AIS = False                  # with --ckpt: estimate log Z and test bits/dim instead of sampling
 TEMPERATURE = 1.0            # T of the density exp(-E/T) whose log Z is estimated (paper: 1)
 AIS_CHAINS = 100             # AIS chains per direction; the bootstrap error bar is over chains
@@ -64,7 +61,6 @@ SEED = 0                     # seeds initial points, Langevin and HMC noise
 
 # The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
 
-
 # ---- The sampler (06_inpainting.py reuses its parts). Conventions: E is the energy, the score is -grad E.
 def mdsm_schedule(n_hot=500, n_anneal=2000, n_cool=200, t_max=100.0):
     """Temperatures of the MDSM chain: hot plateau, geometric anneal to 1, linear cool to 0."""
@@ -75,7 +71,6 @@ def mdsm_schedule(n_hot=500, n_anneal=2000, n_cool=200, t_max=100.0):
     cool = torch.linspace(1.0, 0.0, n_cool, dtype=torch.float64)
     return torch.cat([hot, anneal, cool]).float()  # (n_hot + n_anneal + n_cool,)
 
-
 def energy_and_grad(energy_fn, x, create_graph=False):
     """(E(x) (B,), grad_x E (like x)); detached unless create_graph. Works inside torch.no_grad() too."""
     with torch.enable_grad():
@@ -84,17 +79,14 @@ def energy_and_grad(energy_fn, x, create_graph=False):
         (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)  # each E sees only its x
     return (energy, grad) if create_graph else (energy.detach(), grad)
 
-
 def grad_energy(energy_fn, x, create_graph=False):
     """grad_x E(x), like x (the score is its negative)."""
     return energy_and_grad(energy_fn, x, create_graph)[1]
-
 
 def langevin_step(x, grad, temperature, step_size, noise):
     """One MDSM step: Langevin on exp(-E/T) with step h = step_size^2 T / 2."""
     # x <- x - (sigma_s^2 / 2) grad E(x) + sqrt(T) sigma_s xi     (MDSM sampler, as coded)
     return x - 0.5 * step_size ** 2 * grad + temperature ** 0.5 * step_size * noise
-
 
 def annealed_langevin(energy_fn, x, temperatures, step_size=0.02, show_progress=False):
     """langevin_step at each temperature in turn; returns the samples (no .item() inside: a GPU never waits)."""
@@ -105,33 +97,26 @@ def annealed_langevin(energy_fn, x, temperatures, step_size=0.02, show_progress=
             progress(k + 1, len(temps), t_start, "Langevin steps")
     return x
 
-
 def tweedie_denoise(energy_fn, x, sigma0=0.1):
     """E[x_clean | x] for x ~ q_sigma0: the MDSM fit sigma0^2 grad E(x) = x - E[x | x]."""
     # x <- x - sigma0^2 grad E(x)      (final one-step denoise of the MDSM sampler)
     return x - sigma0 ** 2 * grad_energy(energy_fn, x)
 
-
 # ---- AIS (Neal 2001) along E_b = b E/T + (1 - b) ||x||^2/(2 s^2), one HMC move per b, and its reverse.
 def beta_schedule(n_stages, kind="sigmoid"):
     """(n_stages + 1,) float64 from b_0 = 0 to b_K = 1."""
     t = torch.linspace(0, 1, n_stages + 1, dtype=torch.float64)
-    if kind == "sigmoid":  # the sigmoid schedule of Grosse et al., rescaled to end exactly at 0 and 1
-        s = torch.sigmoid(8 * (t - 0.5))
-        return (s - s[0]) / (s[-1] - s[0])
     if kind == "geometric":  # b = 1e-4 ... 1 evenly in log b, after b_0 = 0
-        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-4, 0, n_stages, dtype=torch.float64)])
-    return t
-
+        return torch.cat([t[:1], torch.logspace(-4, 0, n_stages, dtype=torch.float64)])
+    s = torch.sigmoid(8 * (t - 0.5))  # Grosse et al.'s sigmoid schedule, rescaled to end exactly at 0 and 1
+    return (s - s[0]) / (s[-1] - s[0]) if kind == "sigmoid" else t
 
 def path_energy(x, e, g, coef):
     """E_b and grad E_b from E(x) = e, grad E(x) = g and coef = (b/T, (1 - b)/s^2)."""
     return coef[0] * e + 0.5 * coef[1] * x.flatten(1).pow(2).sum(1), coef[0] * g + coef[1] * x
 
-
 def hmc_move(energy_fn, state, coef, step, n_leapfrog):
-    """One HMC transition leaving exp(-E_b) invariant; state = (x, E(x), grad E(x)).
-    Returns the new state and which chains accepted (B,) bool."""
+    """One HMC move leaving exp(-E_b) invariant: state (x, E(x), grad E(x)) -> (new state, accepted (B,))."""
     p = torch.randn_like(state[0])  # momentum ~ N(0, I)
     u, grad_u = path_energy(*state, coef)
     h_old = u + 0.5 * p.flatten(1).pow(2).sum(1)  # H = E_b(x) + ||p||^2 / 2
@@ -144,9 +129,7 @@ def hmc_move(energy_fn, state, coef, step, n_leapfrog):
     h_new = u + 0.5 * p.flatten(1).pow(2).sum(1)
     # Metropolis, per chain: accept with probability min(1, exp(H_old - H_new)); NaN counts as a reject
     accept = torch.rand_like(h_old).log() < h_old - h_new  # (B,)
-    pick = [torch.where(accept.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, state)]
-    return tuple(pick), accept
-
+    return tuple(torch.where(accept.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, state)), accept
 
 def ais(energy_fn, x, betas, temperature=1.0, ref_std=1.0, step=0.01, n_leapfrog=1, show_progress=False):
     """x: exact samples of exp(-E_b0). Returns log w (B,) float64 with E[w] = Z_bK / Z_b0 and the HMC
@@ -165,59 +148,44 @@ def ais(energy_fn, x, betas, temperature=1.0, ref_std=1.0, step=0.01, n_leapfrog
             progress(k, len(betas) - 1, t_start, "AIS stages")
     return log_w, torch.tensor(acc)
 
-
 def log_mean_exp(log_w, n_boot=1000, seed=0):
     """log mean exp(log w), stably, and its bootstrap standard error over chains."""
     lme = lambda v: torch.logsumexp(v, -1) - math.log(v.shape[-1])  # noqa: E731
     idx = torch.randint(len(log_w), (n_boot, len(log_w)), generator=torch.Generator().manual_seed(seed))
     return lme(log_w.cpu()).item(), lme(log_w.cpu()[idx]).std().item()
 
-
 def log_z_both_ways(energy_fn, x_data, cfg, show_progress=False):
-    """Forward AIS from N(0, s^2 I) and reverse AIS from x_data (ideally exact samples of exp(-E/T)).
-    Returns {"forward": (log Z, error), "reverse": (log Z, error)}; prints the acceptance per fifth."""
-    d, betas, s = x_data[0].numel(), beta_schedule(cfg.AIS_STAGES, cfg.BETA_SCHEDULE), cfg.REF_STD
-    log_z0 = 0.5 * d * math.log(2 * math.pi * s ** 2)  # the reference's normalizer
+    """Forward AIS from N(0, s^2 I), reverse AIS from x_data (ideally exact samples of exp(-E/T)):
+    {"forward": (log Z, error), "reverse": (log Z, error)}. Prints the HMC acceptance per fifth of the stages."""
+    d, betas, s, out = x_data[0].numel(), beta_schedule(cfg.AIS_STAGES, cfg.BETA_SCHEDULE), cfg.REF_STD, {}
     x0 = s * torch.randn(cfg.AIS_CHAINS, *x_data.shape[1:], device=x_data.device)  # exact reference samples
-    out = {}
     for name, x, b, sign in (("forward", x0, betas, 1), ("reverse", x_data, betas.flip(0), -1)):
         log_w, acc = ais(energy_fn, x, b, cfg.TEMPERATURE, s, cfg.HMC_STEP, cfg.LEAPFROG, show_progress)
         est, err = log_mean_exp(log_w, seed=cfg.SEED)
-        out[name] = (log_z0 + sign * est, err)  # reverse: E[w] = Z_0 / Z
-        print(f"  {name} AIS ({'b 0 -> 1' if sign > 0 else 'b 1 -> 0'}): HMC acceptance by fifths of the stages "
-              + " ".join(f"{v.mean():.2f}" for v in acc.chunk(5)))
+        # log Z = log Z_0 +- log mean w (reverse: E[w] = Z_0 / Z), with Z_0 = (2 pi s^2)^(d/2) of the reference
+        out[name] = (0.5 * d * math.log(2 * math.pi * s ** 2) + sign * est, err)
+        print(f"  {name} AIS: HMC acceptance by fifths of the stages " + " ".join(f"{v.mean():.2f}" for v in acc.chunk(5)))
     return out
 
-
-# ---- Lessons with exact answers: a 2-D mixture whose noisy densities are known; energies with known log Z.
+# ---- The lessons: a 2-D mixture whose noisy densities and log Z are known exactly.
 TOY_MEANS = torch.tensor([[0.2, 0.2], [0.8, 0.25], [0.5, 0.8]])  # (K, 2), inside [0, 1]^2 like pixels
 TOY_WEIGHTS = torch.tensor([0.6, 0.3, 0.1])                      # (K,), unequal on purpose
-
 
 def mixture_energy(x, means, weights, var):
     """-log sum_k w_k N(x; mu_k, var I): a normalized density, so log Z = 0 at T = 1. (B, d) -> (B,)"""
     d2 = ((x[:, None, :] - means) ** 2).sum(-1)  # (B, K)
     return -torch.logsumexp(weights.log() - d2 / (2 * var), 1) + x.shape[1] / 2 * math.log(2 * math.pi * var)
 
-
-def gaussian_energy(x, mean, precision):
-    """0.5 (x - m)^T P (x - m): log Z of exp(-E/T) is (d/2) log(2 pi T) - (1/2) log det P."""
-    return 0.5 * (((x - mean) @ precision) * (x - mean)).sum(1)
-
-
 def toy_energy(x, sigma, std):
     """-log q_sigma: noising N(mu_k, std^2 I) by sigma gives N(mu_k, (std^2 + sigma^2) I)."""
     return mixture_energy(x, TOY_MEANS, TOY_WEIGHTS, std ** 2 + sigma ** 2)
 
-
 def toy_mdsm_energy(x, temperature, sigma0, std):
-    """The energy an ideal MDSM model holds at temperature T. MDSM fits sigma0^2 grad E(x~) =
-    -sigma^2 grad log q_sigma(x~), so E = T (-log q_sigma) + const with T = sigma^2/sigma0^2. In high
-    dimension the levels live on disjoint shells and ONE network serves every T; in 2-D they overlap, so
-    the toy hands the sampler the exact energy of each T. Below T = 1 it stays that of q_sigma0."""
+    """An ideal MDSM model at temperature T: it fits sigma0^2 grad E(x~) = -sigma^2 grad log q_sigma(x~), so
+    E = T (-log q_sigma) + const, T = sigma^2/sigma0^2. In high dimension the levels live on disjoint shells and
+    ONE network serves every T; in 2-D they overlap, so the toy gets each T's exact energy (q_sigma0's below 1)."""
     t = max(float(temperature), 1.0)
     return t * toy_energy(x, sigma0 * math.sqrt(t), std)
-
 
 def mode_stats(x, std):
     """Mode weights (nearest mode centre), within-mode rms deviation per coordinate, TV error."""
@@ -225,16 +193,14 @@ def mode_stats(x, std):
     weights = torch.bincount(k, minlength=len(TOY_WEIGHTS)).float() / len(x)
     return weights, ((x - TOY_MEANS[k]) ** 2).mean().sqrt().item(), 0.5 * (weights - TOY_WEIGHTS).abs().sum().item()
 
-
 def toy_lesson(cfg):
     """Lesson 1: plain Langevin against the annealed MDSM chain, all from the MDSM init 0.5 + N(0, I)."""
     std, n, x = cfg.TOY_STD, cfg.TOY_SAMPLES, 0.5 + torch.randn(cfg.TOY_SAMPLES, 2)
     runs = {"exact samples of p": TOY_MEANS[torch.multinomial(TOY_WEIGHTS, n, replacement=True)] + std * torch.randn(n, 2)}
-    plain = x
+    runs["plain Langevin"], h = x, cfg.PLAIN_STEP
     for _ in range(cfg.PLAIN_STEPS):  # Langevin on p itself: x <- x + h grad log p + sqrt(2h) z
-        plain = plain - cfg.PLAIN_STEP * grad_energy(partial(toy_energy, sigma=0.0, std=std), plain) \
-            + math.sqrt(2 * cfg.PLAIN_STEP) * torch.randn_like(plain)
-    runs["plain Langevin"] = plain
+        y = runs["plain Langevin"]
+        runs["plain Langevin"] = y - h * grad_energy(partial(toy_energy, sigma=0.0, std=std), y) + math.sqrt(2 * h) * torch.randn_like(y)
     for T in mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.T_MAX).tolist():
         energy = partial(toy_mdsm_energy, temperature=T, sigma0=cfg.TOY_SIGMA0, std=std)
         x = langevin_step(x, grad_energy(energy, x), T, cfg.STEP_SIZE, torch.randn_like(x))
@@ -253,37 +219,26 @@ def toy_lesson(cfg):
           f"MDSM cooling (T 1 -> 0) samples q_sigma0^(1/T), sharper than q_sigma0 (std {math.hypot(std, cfg.TOY_SIGMA0):.4f}); "
           f"Tweedie then shrinks deviations by {std ** 2 / (std ** 2 + cfg.TOY_SIGMA0 ** 2):.2f}")
     plot_toy(runs, std, os.path.join(cfg.OUT_DIR, "04_langevin_sampling.png"))
-
+    # Lesson 2: AIS for log Z of p, exactly 0 (p is normalized). No HMC chain crosses the barrier either,
+    # yet the importance weights correct the fraction of chains per mode; reverse AIS starts from exact samples.
+    est = log_z_both_ways(partial(toy_energy, sigma=0.0, std=std), runs["exact samples of p"][:cfg.AIS_CHAINS], cfg)
+    print(f"AIS for log Z of p (exact: 0), {cfg.AIS_CHAINS} chains x {cfg.AIS_STAGES} stages: forward {est['forward'][0]:.3f} "
+          f"+- {est['forward'][1]:.3f}, reverse {est['reverse'][0]:.3f} +- {est['reverse'][1]:.3f}")
 
 def plot_toy(runs, std, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # falls back to the file-only Agg backend where there is no display
 
     fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.9))
+    grid = torch.stack(torch.meshgrid(torch.linspace(-0.1, 1.1, 200), torch.linspace(-0.1, 1.1, 200), indexing="xy"), -1)
+    density = torch.exp(-toy_energy(grid.reshape(-1, 2), 0.0, std)).reshape(200, 200)  # the target p on a grid
     for ax, (name, x) in zip(axes, runs.items()):
         w, spread, _ = mode_stats(x, std)
+        ax.contour(grid[..., 0], grid[..., 1], density, levels=4, colors="0.6", linewidths=0.6)
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3)
         ax.set_title(f"{name}\nmode weights {' / '.join(f'{v:.2f}' for v in w.tolist())}, std {spread:.3f}", fontsize=9)
         ax.set(xlim=(-0.1, 1.1), ylim=(-0.1, 1.1), aspect="equal", xlabel="x1", ylabel="x2")
     fig.tight_layout(), fig.savefig(path, dpi=80), plt.close(fig)
-    print(f"figure: {path}")
-
-
-def ais_lesson(cfg, d=64):
-    """Lesson 2: AIS where log Z is known (at T = 1); reverse AIS starts from exact samples."""
-    n, stds = cfg.AIS_CHAINS, torch.logspace(math.log10(0.05), math.log10(0.3), d)  # per-axis stds 0.05-0.3
-    means, weights = torch.stack([torch.full((d,), 0.3), torch.full((d,), 0.7)]), torch.tensor([0.7, 0.3])
-    cases = {"Gaussian, stds 0.05-0.3": (partial(gaussian_energy, mean=0.5, precision=torch.diag(stds ** -2)),
-                                         0.5 * d * math.log(2 * math.pi) + stds.log().sum().item(), 0.5 + stds * torch.randn(n, d)),
-             "mixture 0.7/0.3, std 0.1, modes 3.2 apart": (partial(mixture_energy, means=means, weights=weights, var=0.01), 0.0,
-                                                           means[torch.multinomial(weights, n, replacement=True)] + 0.1 * torch.randn(n, d))}
-    print(f"\nlesson 2: AIS for log Z of exp(-E) in d = {d}, {n} chains x {cfg.AIS_STAGES} stages ({cfg.BETA_SCHEDULE}), "
-          f"{cfg.LEAPFROG} leapfrog step(s), reference N(0, {cfg.REF_STD:g}^2 I)")
-    for name, (energy, exact, samples) in cases.items():
-        (f, fe), (r, re_) = log_z_both_ways(energy, samples, type(cfg)(**{**vars(cfg), "TEMPERATURE": 1.0})).values()
-        print(f"{name}: exact log Z {exact:.2f} | forward AIS {f:.2f} +- {fe:.2f} | reverse AIS {r:.2f} +- {re_:.2f}")
-
+    print(f"figure: {path} (grey: contours of the target p)")
 
 # ---- A trained model (03's EnergyNet): the MDSM sampler as coded, the paper's diagnostics, AIS.
 def log_density(model, x, temperature=1.0, log_z=0.0, batch=500):
@@ -291,7 +246,6 @@ def log_density(model, x, temperature=1.0, log_z=0.0, batch=500):
     device = next(model.parameters()).device
     with torch.no_grad():
         return torch.cat([-model(c.to(device)).float().cpu() / temperature for c in x.split(batch)]) - log_z
-
 
 def generate(model, shape, sigma0, cfg):
     """N_SAMPLES images in chunks of BATCH: init 0.5 + N(0, I) as coded, annealed_langevin through the MDSM
@@ -306,19 +260,11 @@ def generate(model, shape, sigma0, cfg):
         log_line(start + len(x), {"samples/s": (start + len(x)) / (time.time() - t_start), "nonfinite": int((~x.isfinite()).sum())})
     return torch.cat(samples)
 
-
-def reference_images(cfg, mdsm, ckpt):
-    """Train and test images (uint8) of the model's data at its size; test is None if there is none."""
+def reference_images(cfg, mdsm, ckpt, split):
+    """The model's data set (or --dataset) at the model's image size: uint8 (N, C, H, W)."""
     config = ckpt["config"]
-    dataset, data_dir = cfg.DATASET or config.get("DATASET", ""), cfg.DATA_DIR or config.get("DATA_DIR", "data")
-    load = partial(mdsm.load_images, dataset, data_dir, image_size=int(config.get("IMAGE_SIZE", 0)))
-    train = load(split="train")
-    try:
-        return train, load(split="test")
-    except SystemExit as e:  # e.g. an .npz with no x_test
-        print(f"note: no test images ({e})")
-        return train, None
-
+    return mdsm.load_images(cfg.DATASET or config.get("DATASET", ""), cfg.DATA_DIR or config.get("DATA_DIR", "data"),
+                            split, int(config.get("IMAGE_SIZE", 0)))
 
 def nearest_figure(samples, train, k, path):
     """Appendix C: each sample beside its k nearest training images; prints the median distance."""
@@ -327,7 +273,6 @@ def nearest_figure(samples, train, k, path):
     d, idx = d.topk(k, largest=False)  # (Q, k) rms pixel distances, nearest first
     save_image_grid(torch.cat([torch.cat([samples[j:j + 1], train[idx[j]]]) for j in range(min(8, len(d)))]).float() / 255, path, nrow=k + 1)
     return d[:, 0].median().item()
-
 
 def sample_checkpoint(cfg, mdsm, model, ckpt, out):
     args, sigma0 = ckpt["model_args"], float(ckpt["config"].get("SIGMA0", mdsm.SIGMA0))
@@ -340,32 +285,26 @@ def sample_checkpoint(cfg, mdsm, model, ckpt, out):
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(f"error: out of GPU memory with --batch={cfg.BATCH}; use a smaller --batch") from None
     x_uint8 = (x.clamp(0, 1) * 255).round().to(torch.uint8)  # the sampler never clamps; 8-bit files do
-    print(f"pixel range before clamping [{x.min():.3f}, {x.max():.3f}]; mean {x.mean():.3f}")
     save_image_grid(x[:64], os.path.join(out, "samples.png"))
     np.savez_compressed(os.path.join(out, "samples.npz"), samples=x_uint8.permute(0, 2, 3, 1).numpy())  # (N, H, W, C)
-    print(f"saved {out}/samples.png, samples.npz ({len(x)} uint8 images)")
-    if cfg.DIAGNOSTICS:
-        train, test = reference_images(cfg, mdsm, ckpt)
-        g = torch.Generator().manual_seed(cfg.SEED)
-        images = {"train": train[torch.randperm(len(train), generator=g)[:cfg.N_REF]], "samples": x_uint8[:cfg.N_REF]}
-        if test is not None:
-            images["test"] = test[torch.randperm(len(test), generator=g)[:cfg.N_REF]]
-            save_image_grid(images["test"][:64].float() / 255, os.path.join(out, "test_images.png"))
-        for k, v in images.items():  # Appendix F: do the samples sit at the energies of real images?
-            e = -log_density(model, v.float() / 255)
-            print(f"energy of {k:<8}: mean {e.mean():.4g}  std {e.std():.4g}  (n={len(e)}, 8-bit images)")
-        d = {k: nearest_figure(v, train, cfg.N_NEIGHBORS, os.path.join(out, f"nearest_{k}.png")) for k, v in images.items() if k != "train"}
-        print(f"nearest training image, median rms pixel distance: " + ", ".join(f"{k} {v:.4f}" for k, v in d.items()))
-        print(f"saved {out}/nearest_samples.png (Appendix C), test_images.png (real test images), nearest_test.png")
-
+    print(f"pixels before clamping in [{x.min():.3f}, {x.max():.3f}], mean {x.mean():.3f}; saved {out}/samples.png, samples.npz")
+    train, test = (reference_images(cfg, mdsm, ckpt, split) for split in ("train", "test"))
+    g = torch.Generator().manual_seed(cfg.SEED)
+    images = {"train": train[torch.randperm(len(train), generator=g)[:cfg.N_REF]], "samples": x_uint8[:cfg.N_REF],
+              "test": test[torch.randperm(len(test), generator=g)[:cfg.N_REF]]}
+    save_image_grid(images["test"][:64].float() / 255, os.path.join(out, "test_images.png"))
+    for k, v in images.items():  # Appendix F: do the samples sit at the energies of real images?
+        e = -log_density(model, v.float() / 255)
+        print(f"energy of {k:<8}: mean {e.mean():.4g}  std {e.std():.4g}  (n={len(e)}, 8-bit images)")
+    d = {k: nearest_figure(images[k], train, 5, os.path.join(out, f"nearest_{k}.png")) for k in ("samples", "test")}
+    print(f"nearest training image, median rms pixel distance: samples {d['samples']:.4f}, test {d['test']:.4f}; saved "
+          f"test_images.png (real test images), nearest_samples.png (Appendix C), nearest_test.png")
 
 def likelihood(cfg, mdsm, model, ckpt, out):
     """log Z of exp(-E/T) by forward and reverse AIS, then test bits/dim beside trivial baselines."""
-    sigma0, T = float(ckpt["config"].get("SIGMA0", mdsm.SIGMA0)), cfg.TEMPERATURE
-    train, test = reference_images(cfg, mdsm, ckpt)
-    if test is None:
-        raise SystemExit("error: --ais needs the data set's test split (held-out images)")
-    test, d, g = test[:cfg.N_TEST or len(test)], test[0].numel(), torch.Generator().manual_seed(cfg.SEED)
+    sigma0, T, g = float(ckpt["config"].get("SIGMA0", mdsm.SIGMA0)), cfg.TEMPERATURE, torch.Generator().manual_seed(cfg.SEED)
+    train, test = (reference_images(cfg, mdsm, ckpt, split) for split in ("train", "test"))
+    test, d = test[:cfg.N_TEST or len(test)], test[0].numel()
     # Reverse AIS starts from held-out images noised like the density the model learned: exp(-E/T) fits
     # q_sigma with sigma = sigma0 sqrt(T). These are exact samples only if the model is exactly right.
     x_data = test[torch.randperm(len(test), generator=g)[:cfg.AIS_CHAINS]].float() / 255
@@ -374,22 +313,21 @@ def likelihood(cfg, mdsm, model, ckpt, out):
           f"{cfg.LEAPFROG} leapfrog step(s) from {cfg.HMC_STEP}, reference N(0, {cfg.REF_STD:g}^2 I)")
     t0 = time.time()
     est = log_z_both_ways(model, x_data.to(next(model.parameters()).device), cfg, show_progress=True)
-    (f, fe), (r, re_), nats_to_bits = est["forward"], est["reverse"], 1 / (d * math.log(2))
+    (f, fe), (r, re_), bits = est["forward"], est["reverse"], 1 / (d * math.log(2))  # nats -> bits/dim
     print(f"log Z: forward {f:.2f} +- {fe:.2f} (low in expectation), reverse {r:.2f} +- {re_:.2f} (high), "
-          f"gap {r - f:.2f} nats = {(r - f) * nats_to_bits:.4f} bits/dim [{time.time() - t0:.0f} s]")
-    if abs(r - f) * nats_to_bits > cfg.GAP_TOL:  # a negative gap (forward above reverse) is no better
+          f"gap {r - f:.2f} nats = {(r - f) * bits:.4f} bits/dim [{time.time() - t0:.0f} s]")
+    if abs(r - f) * bits > cfg.GAP_TOL:  # a negative gap (forward above reverse) is no better
         print(f"not converged: |gap| exceeds --gap_tol={cfg.GAP_TOL} bits/dim; use more stages, chains or leapfrog steps")
     # log p(x) = -E(x)/T - log Z: log Z is one constant, so it shifts bits/dim by log Z / (D ln 2)
     deq = dequantized_bits_per_dim(partial(log_density, model, temperature=T), test, 4, g).mean().item()
     cont = continuous_bits_per_dim(partial(log_density, model, temperature=T), test).mean().item()
-    print(f"test bits/dim ({len(test)} images of {tuple(test.shape[1:])}), with forward | reverse AIS log Z:\n"
-          f"  dequantized (headline)           {deq + f * nats_to_bits:7.3f} | {deq + r * nats_to_bits:7.3f}\n"
-          f"  continuous, x = k/255 (papers')  {cont + f * nats_to_bits:7.3f} | {cont + r * nats_to_bits:7.3f}")
     base = baseline_bits_per_dim(train, test, g)
-    print("\n".join(f"  baseline: {k:<23} {v:7.3f}" for k, v in base.items()))
-    if deq + f * nats_to_bits > base["diagonal Gaussian"]:
+    print(f"test bits/dim ({len(test)} images of {tuple(test.shape[1:])}), with forward | reverse AIS log Z:\n"
+          f"  dequantized (headline)           {deq + f * bits:7.3f} | {deq + r * bits:7.3f}\n"
+          f"  continuous, x = k/255 (papers')  {cont + f * bits:7.3f} | {cont + r * bits:7.3f}\n"
+          + "\n".join(f"  baseline: {k:<23} {v:7.3f}" for k, v in base.items()))
+    if deq + f * bits > base["diagonal Gaussian"]:
         print("warning: the model is worse than a diagonal Gaussian fitted to the training pixels")
-
 
 # ---- Density conventions shared with 05 (05 loads these): bits/dim of 8-bit images under a density on [0,1]^D
 def dequantized_bits_per_dim(log_prob, x_uint8, n_draws=4, generator=None):
@@ -403,12 +341,10 @@ def dequantized_bits_per_dim(log_prob, x_uint8, n_draws=4, generator=None):
         total += log_prob(((x_uint8.double() + u) / 256).float()).double().cpu()
     return -total / n_draws / (d * math.log(2)) + 8.0
 
-
 def continuous_bits_per_dim(log_prob, x_uint8):
     """The papers' single-pass convention (MDSM's 7.04, dual score's 3.36): log p read at x = k/255, no
     dequantization noise: -log p(x)/(D ln 2) + 8. Not a bound; ill-posed for data with few grey levels."""
     return -log_prob(x_uint8.float() / 255).double().cpu() / (x_uint8[0].numel() * math.log(2)) + 8.0
-
 
 def baseline_bits_per_dim(train_uint8, test_uint8, generator=None):
     """Dequantized test bits/dim of the trivial densities a model must beat: uniform on [0,1]^D (8 exactly),
@@ -428,30 +364,25 @@ def baseline_bits_per_dim(train_uint8, test_uint8, generator=None):
     return {"uniform": 8.0, "diagonal Gaussian": to_bits(diag), "full-covariance Gaussian": to_bits(full),
             "per-pixel histogram": to_bits(hist)}
 
-
-
 def validate(cfg):
     """Every knob checked before any work: one line naming the knob and the allowed values."""
     rules = [(lambda v: v > 0, "> 0", "step_size t_max temperature ref_std hmc_step gap_tol toy_std toy_sigma0 plain_step"),
              (lambda v: v >= 0, ">= 0", "n_hot n_anneal n_cool n_test plain_steps"), (lambda v: v >= 2, ">= 2", "ais_chains ais_stages"),
-             (lambda v: v >= 1, ">= 1", "n_samples batch n_ref n_neighbors leapfrog toy_samples"),
+             (lambda v: v >= 1, ">= 1", "n_samples batch n_ref leapfrog toy_samples"),
              (lambda v: v in ("sigmoid", "geometric", "linear"), "sigmoid, geometric or linear", "beta_schedule")]
-    for ok, allowed, name in ((ok, allowed, n) for ok, allowed, names in rules for n in names.split()):
-        if not ok(getattr(cfg, name.upper())):
-            raise SystemExit(f"error: --{name}={getattr(cfg, name.upper())} is out of range; allowed: {allowed}")
+    for ok, allowed, name, v in ((ok, a, n, getattr(cfg, n.upper())) for ok, a, names in rules for n in names.split()):
+        if not ok(v):
+            raise SystemExit(f"error: --{name}={v} is out of range; allowed: {allowed}")
     if cfg.N_HOT + cfg.N_ANNEAL + cfg.N_COOL < 1:
         raise SystemExit("error: --n_hot + --n_anneal + --n_cool = 0 Langevin steps; allowed: at least 1")
-
 
 def check_writable(path):
     """Fail before any work, not at the first save."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        open(probe, "w").close(), os.remove(probe)
+        open(os.path.join(path, ".write_test"), "w").close(), os.remove(os.path.join(path, ".write_test"))
     except OSError as e:
         raise SystemExit(f"error: --out_dir: cannot write to {path} ({e.strerror}); choose another --out_dir") from None
-
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
@@ -461,10 +392,8 @@ def main(argv=None):
     out = os.path.join(cfg.OUT_DIR, f"{os.path.basename(parent)}_{stem}") if cfg.CKPT else cfg.OUT_DIR
     check_writable(out)  # e.g. out/04_langevin_sampling/03_mdsm_train_ckpt
     if not cfg.CKPT:
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)  # (n, 2) and (n, 64) tensors: thread hand-offs would cost more than they save
-        toy_lesson(cfg), ais_lesson(cfg)
-        return torch.set_num_threads(threads)
+        return toy_lesson(type(cfg)(**{**vars(cfg), "TEMPERATURE": 1.0}))  # the lessons work at T = 1
     mdsm = load_numbered("03_mdsm_train.py")  # reuse 03's EnergyNet, checkpoints and data loaders
     model, ckpt = mdsm.load_model(cfg.CKPT, device=pick_device(cfg.DEVICE), use_ema=cfg.USE_EMA)
     model.requires_grad_(False)  # gradients w.r.t. x only

@@ -129,9 +129,11 @@ def test_annealing_recovers_mode_weights_that_plain_langevin_misses(script, tmp_
     m = script(FILE)
     torch.manual_seed(0)
     cfg = types.SimpleNamespace(TOY_STD=0.05, TOY_SAMPLES=1000, TOY_SIGMA0=0.1, PLAIN_STEPS=400, PLAIN_STEP=1e-4,
-                                N_HOT=500, N_ANNEAL=2000, N_COOL=200, T_MAX=100.0, STEP_SIZE=0.02, OUT_DIR=str(tmp_path))
+                                N_HOT=500, N_ANNEAL=2000, N_COOL=200, T_MAX=100.0, STEP_SIZE=0.02, OUT_DIR=str(tmp_path),
+                                **vars(ais_cfg(AIS_CHAINS=100, AIS_STAGES=300, REF_STD=1.0, LEAPFROG=1)))
     m.toy_lesson(cfg)
-    rows = {line.split("|")[0].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+    text = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): line.split("|") for line in text.splitlines()
             if line.count("|") == 3 and "TV error" not in line}
     tv = {name: float(row[2]) for name, row in rows.items()}
     assert tv["MDSM annealed + final denoise"] < 0.05, tv  # sampling error alone: ~0.01-0.02
@@ -141,6 +143,10 @@ def test_annealing_recovers_mode_weights_that_plain_langevin_misses(script, tmp_
     ratio = float(rows["MDSM annealed + final denoise"][3]) / float(rows["MDSM chain, before the denoise"][3])
     assert abs(ratio - 0.2) < 0.02, ratio
     assert (tmp_path / "04_langevin_sampling.png").stat().st_size > 0
+    # lesson 2: AIS for log Z of the normalized mixture p (exactly 0), though no chain crosses a barrier
+    ais_line = next(line for line in text.splitlines() if line.startswith("AIS for log Z of p"))
+    forward, reverse = float(ais_line.split("forward ")[1].split()[0]), float(ais_line.split("reverse ")[1].split()[0])
+    assert abs(forward) < 0.3 and abs(reverse) < 0.3, ais_line
 
 
 # ---- AIS: exact log Z of closed-form energies in d = 64 ----
