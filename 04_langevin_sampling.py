@@ -267,7 +267,7 @@ def reference_images(cfg, mdsm, ckpt, split):
                             split, int(config.get("IMAGE_SIZE", 0)))
 
 def nearest_figure(samples, train, k, path):
-    """Appendix C: each sample beside its k nearest training images; prints the median distance."""
+    """Appendix C: each sample beside its k nearest training images; returns the median nearest distance."""
     flat = train.flatten(1).float() / 255  # (M, D)
     d = torch.cat([torch.cdist(c.flatten(1).float() / 255, flat) for c in samples.split(256)]) / math.sqrt(flat.shape[1])
     d, idx = d.topk(k, largest=False)  # (Q, k) rms pixel distances, nearest first
