@@ -415,13 +415,13 @@ def main(argv=None):
 
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
-# Device, seed, --key=value overrides, log line, progress bar, image grid, loading an earlier file.
-# They use the file's own imports of os, sys, time, numpy as np and torch.
+# Device, seed, --key=value overrides, log line, progress bar, image grid, an earlier file (uses os, sys, time, np, torch).
 def pick_device(name="auto"):  # 'auto' takes cuda, then Apple's mps, then the cpu
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     name = ("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu") if name == "auto" else name
     if not available.get(name.split(":")[0]):
         raise SystemExit(f"error: --device={name} is not available here; use auto, cpu, cuda, cuda:N or mps")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 unless a file opts in
     return torch.device(name)
 
 def set_seed(seed):

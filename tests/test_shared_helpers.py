@@ -123,6 +123,9 @@ def test_image_grid_and_seed(script, tmp_path):
 def test_load_numbered_shares_the_module(script):
     m = script("01_score_matching.py")
     assert m.load_numbered("01_score_matching.py") is m
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     assert m.pick_device("cpu") == torch.device("cpu")
+    # sampling and evaluation run in true fp32 (no TF32 convolutions on CUDA) unless a file opts in
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     with pytest.raises(SystemExit):
         m.pick_device("tpu")
