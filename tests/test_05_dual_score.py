@@ -233,3 +233,32 @@ def test_resume_refuses_a_new_learning_rate_instead_of_ignoring_it(script, tmp_p
     m.main(args)
     with pytest.raises(SystemExit, match="keeps the optimizer and lr schedule .* --lr differ"):
         m.main(args[:1] + ["--steps=4"] + args[2:] + ["--resume", "--lr=1e-4"])
+
+
+def test_image_energy_is_half_the_inner_product_of_y_and_the_score(script):
+    """U(y, t) = 0.5 <y, s(y, t)> (the authors' energy of a homogeneous score network), per image,
+    written out from the network's own score: a factor 2 (U = <y, s>) changes every printed log p."""
+    m = script("05_dual_score.py")
+    torch.manual_seed(8)
+    net = m.ScoreUNet(1, 4)
+    with torch.no_grad():
+        net.out.weight.mul_(100.0)  # a fresh net's score is ~1e-5 of y: scale it up so that U is O(1)
+    y = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    t = torch.tensor([1e-3, 0.5, 20.0])
+    with torch.no_grad():
+        U, s = net(y, t), net.score(y, t)
+    expected = 0.5 * (y * s).sum(dim=(1, 2, 3))
+    assert U.shape == (3,) and expected.abs().min() > 1e-3  # a non-trivial check (U ~ 1e-3 to 1e-2 here)
+    assert torch.allclose(U, expected, rtol=1e-4, atol=0), (U, expected)
+
+
+def test_mass_conservation_reports_t_times_the_time_score_over_d(script):
+    """The printed table is mean over y of t d_t U / d at log-spaced t in [T_MIN, T_MAX]. With
+    U(y, t) = (d/2) log t (+ 0 <y>) the value is exactly 1/2 at every t (d_t U / d alone would be 1/(2t))."""
+    import types
+    m = script("05_dual_score.py")
+    energy = lambda y, t: y[0].numel() / 2 * torch.log(t) + 0 * y.flatten(1).sum(1)  # noqa: E731
+    x_uint8 = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows = m.mass_conservation(energy, x_uint8, types.SimpleNamespace(T_MIN=1e-2, T_MAX=1e2), "cpu", n_levels=5)
+    assert [t for t, _ in rows] == pytest.approx([1e-2, 1e-1, 1.0, 1e1, 1e2])
+    assert [v for _, v in rows] == pytest.approx([0.5] * 5, rel=1e-5)

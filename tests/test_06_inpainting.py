@@ -3,6 +3,8 @@ against the closed form (and unconstrained samplers must fail the same check); t
 loop is pinned step by step (the written-out update, the noise put on known pixels at every
 temperature, recorded by the energy itself) and the final denoise by its effect on a closed-form
 energy; a tiny checkpoint exercises the image path end to end; bad input gets one-line errors."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -273,3 +275,54 @@ def test_unwritable_out_dir_and_a_broken_checkpoint_are_refused_before_any_work(
     with pytest.raises(SystemExit) as info:
         m.main([f"--ckpt={junk}", f"--out_dir={tmp_path}"])
     assert str(info.value).startswith("error:") and "\n" not in str(info.value)
+
+
+def test_random_mask_observes_each_pixel_with_probability_keep(m):
+    """'random': mask = 1 (unknown) with probability 1 - keep, so a fraction keep of the pixels is
+    observed (mask = 0); the same for every channel. 1 x 100 x 100 pixels: the fraction's std is 0.005."""
+    for keep in (0.3, 0.8):
+        mask = m.named_mask("random", (3, 100, 100), keep, torch.Generator().manual_seed(0))
+        assert torch.equal(mask[0], mask[1]) and torch.equal(mask[0], mask[2])
+        observed = (mask[0] == 0).float().mean().item()
+        assert abs(observed - keep) < 0.02, (keep, observed)  # an inverted mask observes 1 - keep
+
+
+def test_projected_sampler_steps_are_the_written_out_updates(m):
+    """Three steps of Kadkhodaie & Simoncelli's Alg. 2 with a linear denoiser D(y) = mu + a (y - mu),
+    replayed by hand from the same seed: h_k = h0 k / (1 + h0 (k - 1)) (h_1 = h0, h_2 = 2 h0 / (1 + h0)),
+    sigma_k = ||d_k|| / sqrt(N), gamma_k = sigma_k sqrt((1 - beta h_k)^2 - (1 - h_k)^2), y += h_k d_k + gamma_k z;
+    constrained: d_k = (I - M^T M) f + M^T (m - M y), and M y = m exactly at the end."""
+    import types
+    cfg = types.SimpleNamespace(KS_SIGMA_START=1.0, KS_SIGMA_END=1e-6, KS_H0=0.3, KS_BETA=0.4, KS_MAX_STEPS=3)
+    d, B, a = 16, 4, 0.5
+    denoise = lambda y: 0.5 + a * (y - 0.5)  # noqa: E731
+    M = m.mask_operator(m.named_mask("right", (1, 4, 4), 0.0, None))  # (8, 16): the left half observed
+    meas = torch.rand(B, M.shape[0], generator=torch.Generator().manual_seed(3))
+    for constrained in (False, True):
+        torch.manual_seed(11)
+        y_out, steps = m.projected_sampler(denoise, M, meas, cfg, constrained)
+        torch.manual_seed(11)
+        y = 0.5 + 1.0 * torch.randn(B, d)
+        hs = []
+        for k in (1, 2, 3):
+            f = denoise(y) - y
+            if constrained:
+                f = f - f @ M.T @ M + (meas - y @ M.T) @ M
+            sigma = f.norm(dim=1, keepdim=True) / 4.0  # sqrt(N) = 4
+            h = 0.3 * k / (1 + 0.3 * (k - 1))
+            hs.append(h)
+            y = y + h * f + sigma * math.sqrt((1 - 0.4 * h) ** 2 - (1 - h) ** 2) * torch.randn(B, d)
+        if constrained:
+            y = y - y @ M.T @ M + meas @ M
+            assert (y_out @ M.T - meas).abs().max() < 1e-5
+        assert hs[0] == pytest.approx(0.3) and hs[1] == pytest.approx(0.6 / 1.3)
+        assert steps == 3 and torch.allclose(y_out, y, atol=1e-5), (constrained, (y_out - y).abs().max())
+
+
+def test_psnr_by_hand(m):
+    """PSNR = -10 log10 MSE for images in [0, 1] (the estimate clamped first), averaged over images:
+    MSE 0.01 -> 20 dB, MSE 1e-4 -> 40 dB, mean 30 dB; an estimate above 1 counts as 1."""
+    truth = torch.full((2, 1, 4, 4), 0.5)
+    est = truth + torch.tensor([0.1, 0.01]).view(2, 1, 1, 1)
+    assert m.psnr(est, truth) == pytest.approx(30.0, abs=1e-3)
+    assert m.psnr(torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), 0.9)) == pytest.approx(20.0, abs=1e-3)
