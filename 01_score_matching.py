@@ -64,7 +64,7 @@ BOX = 4.0                        # plots and Langevin starts cover [-BOX, BOX]^2
 LOG_EVERY = 500                  # print a log line every this many training steps (0: never)
 OUT_DIR = "out/01_score_matching"  # where the figure is written
 
-# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 
 
 # ---- data: toys whose log-density and score are known in closed form ----

@@ -58,7 +58,7 @@ ANNEAL_STEPS = 400          # geometric decay T_MAX -> 1 (MDSM: 2000)
 COOL_STEPS = 200            # linear decay 1 -> 0 (MDSM: 200)
 OUT_DIR = "out/02_single_noise_failure"  # figure and table go here
 
-# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 
 
 # ---------------------------------------------------------------- part 1: concentration of measure

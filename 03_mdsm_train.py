@@ -52,7 +52,7 @@ SMOKE = False                # width 8, 1 block per stage, batch 16, 20 steps fo
 DEVICE = "auto"              # auto | cpu | cuda | cuda:N | mps
 SEED = 0                     # seeds data order, noise and initialization
 
-# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 
 # ==== Data: the official archives, downloaded once, checked, kept whole on the device as uint8 ====
 IDX_FILES = {  # name -> (mirrors, md5 of the train and t10k image .gz files)

@@ -59,7 +59,7 @@ OUT_DIR = "out/04_langevin_sampling"  # figures and samples
 DEVICE = "auto"              # auto | cpu | cuda | mps (the lessons always run on the CPU)
 SEED = 0                     # seeds initial points, Langevin and HMC noise
 
-# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 
 # ---- The sampler (06_inpainting.py reuses its parts). Conventions: E is the energy, the score is -grad E.
 def mdsm_schedule(n_hot=500, n_anneal=2000, n_cool=200, t_max=100.0):

@@ -60,7 +60,7 @@ RESUME = False             # continue from OUT_DIR/<dataset><size>.pt (an error 
 CKPT_EVERY = 1000          # steps between checkpoints (one more at the end)
 EVAL_ONLY = False          # load that checkpoint and only evaluate
 
-# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 
 def dual_score_losses(energy, x, t, z, create_graph=True):
     """Per-sample L_DSM, L_TSM and the scores for y = x + sqrt(t) z; energy(y, t) -> U (B,). One autograd call

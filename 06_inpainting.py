@@ -65,7 +65,7 @@ CS_KEEP = 0.25            # measurements / pixels for compressive sensing ('cs')
 MASK_SAMPLER = "langevin" # sampler for the pixel masks: langevin (MDSM) | projected (K&S)
 BATCH = 64                # images per sampler call (memory knob)
 
-# The shared helpers (device, seed, --key=value overrides, logging, image grids) are at the end of the file.
+# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 ALL_TASKS = ("right", "centre", "random", "sr2", "sr4", "cs")
 
 

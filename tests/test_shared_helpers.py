@@ -36,7 +36,7 @@ def test_every_numbered_file_has_the_same_small_helper_section_at_its_end():
 def test_every_file_reads_as_a_lesson_of_at_most_500_lines(name):
     text = open(os.path.join(ROOT, name), encoding="utf-8").read()
     assert len(text.splitlines()) <= 500, f"{name} is longer than 500 lines"
-    assert text.index("# The shared helpers") < text.index(BEGIN)  # the one-line pointer under the config
+    assert text.index("# The helpers every file repeats") < text.index(BEGIN)  # the one-line pointer under the config
 
 
 def fake_file_globals(tmp_path):
