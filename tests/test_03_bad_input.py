@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import load_script
-from test_03_mdsm_train import run_tiny, tiny_dataset
+from test_03_mdsm_train import interrupt_at_step, run_tiny, tiny_dataset
 
 m = load_script("03_mdsm_train.py")
 
@@ -117,14 +117,7 @@ def test_an_exploding_loss_stops_the_run_without_saving(tmp_path, monkeypatch, f
 
 
 def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
-    real_progress = m.progress
-
-    def interrupt_at_step_5(i, total, t0, note=""):
-        if i == 5:
-            raise KeyboardInterrupt
-        real_progress(i, total, t0, note)
-
-    monkeypatch.setattr(m, "progress", interrupt_at_step_5)
+    interrupt_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):  # ckpt_every far away, but every check is past 1e-9 minutes
         run_tiny(tmp_path, ["--ckpt_every=1000", "--ckpt_minutes=1e-9", "--log_every=2"])
     assert m.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 4

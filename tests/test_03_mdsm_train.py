@@ -183,17 +183,24 @@ def logged_losses(text):
     return [float(line.split("| loss ")[1].split(" |")[0]) for line in text.splitlines() if line.startswith("step ")]
 
 
-def test_resume_gives_the_same_run(tmp_path, capsys, monkeypatch):
-    full = run_tiny(tmp_path, [], out="full")
-    full_losses = logged_losses(capsys.readouterr().out)
+def interrupt_at_step(monkeypatch, step):
+    """Make training stop with KeyboardInterrupt when its progress bar reaches `step` (as Ctrl-C would);
+    returns the real progress function so a test can put it back."""
     real_progress = m.progress
 
-    def interrupt_at_step_5(i, total, t0, note=""):
-        if i == 5:
+    def interrupt(i, total, t0, note=""):
+        if i == step:
             raise KeyboardInterrupt
         real_progress(i, total, t0, note)
 
-    monkeypatch.setattr(m, "progress", interrupt_at_step_5)
+    monkeypatch.setattr(m, "progress", interrupt)
+    return real_progress
+
+
+def test_resume_gives_the_same_run(tmp_path, capsys, monkeypatch):
+    full = run_tiny(tmp_path, [], out="full")
+    full_losses = logged_losses(capsys.readouterr().out)
+    real_progress = interrupt_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run_tiny(tmp_path, [], out="split")
     monkeypatch.setattr(m, "progress", real_progress)
