@@ -91,6 +91,9 @@ def test_bits_per_dim_of_an_exact_gaussian_energy_both_conventions(script):
     assert err.abs().mean() < 0.02 and abs(err.mean()) < 0.002, (err.abs().mean(), err.mean())  # seen 0.002, 3e-5
     single = ((k.double() / 255 - mu) ** 2).flatten(1).sum(1) / (2 * v0) + d / 2 * math.log(2 * math.pi * v0)
     assert torch.allclose(res["single"], 8 + (single + res["c"]) / (d * math.log(2)), atol=1e-4)
+    v1 = s2 + 0.01                                                              # the same, read at t = 0.01 (beside 04's AIS)
+    smooth = ((k.double() / 255 - mu) ** 2).flatten(1).sum(1) / (2 * v1) + d / 2 * math.log(2 * math.pi * v1)
+    assert torch.allclose(res["t=0.01"], 8 + (smooth + res["c"]) / (d * math.log(2)), atol=1e-4)
 
 
 def test_homogeneous_norm_centres_equalizes_and_keeps_the_scale(script):
@@ -204,7 +207,8 @@ def test_image_mode_trains_evaluates_resumes_and_refuses_clearly(script, tmp_pat
 
 @pytest.mark.parametrize("bad, message", [("--batch=0", "--batch=0 is out of range"), ("--lr=-1", "--lr=-1.0"),
                                           ("--steps=0", "--steps=0"), ("--width=0", "--width=0"),
-                                          ("--t_min=1e4", "--t_max=1000.0"), ("--precision=fp16", "fp32 or bf16")])
+                                          ("--t_min=1e4", "--t_max=1000.0"), ("--n_draws=0", "--n_draws=0"),
+                                          ("--strong_gen=10,x", "--strong_gen=10,x is out of range; allowed: sizes > 0")])
 def test_bad_knobs_are_refused_at_start_up_with_one_line(script, tmp_path, bad, message):
     m = script("05_dual_score.py")
     with pytest.raises(SystemExit, match=f"^error: {message}" if message.startswith("--") else message):
@@ -214,7 +218,7 @@ def test_bad_knobs_are_refused_at_start_up_with_one_line(script, tmp_path, bad, 
 def test_unwritable_out_dir_is_refused_before_any_work(script, tmp_path):
     m = script("05_dual_score.py")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="is not writable"):
+    with pytest.raises(SystemExit, match="cannot write to"):
         m.main([f"--out_dir={tmp_path / 'file' / 'sub'}"])
 
 
@@ -235,21 +239,54 @@ def test_resume_refuses_a_new_learning_rate_instead_of_ignoring_it(script, tmp_p
         m.main(args[:1] + ["--steps=4"] + args[2:] + ["--resume", "--lr=1e-4"])
 
 
-def test_image_energy_is_half_the_inner_product_of_y_and_the_score(script):
-    """U(y, t) = 0.5 <y, s(y, t)> (the authors' energy of a homogeneous score network), per image,
-    written out from the network's own score: a factor 2 (U = <y, s>) changes every printed log p."""
+def test_image_energy_is_half_the_inner_product_of_y_and_the_score_plus_d_b(script):
+    """U(y, t) = 0.5 <y, s(y, t)> + d b(t) per image, written out from the network's own score and its
+    log-normalizer head: a factor 2 (U = <y, s>) or a lost b(t) changes every printed log p."""
     m = script("05_dual_score.py")
     torch.manual_seed(8)
     net = m.ScoreUNet(1, 4)
     with torch.no_grad():
         net.out.weight.mul_(100.0)  # a fresh net's score is ~1e-5 of y: scale it up so that U is O(1)
+        net.log_norm[2].bias.fill_(0.3)  # b(t) starts at 0: give it a value
+        net.log_norm[2].weight.normal_(0, 0.01)
     y = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(9))
     t = torch.tensor([1e-3, 0.5, 20.0])
     with torch.no_grad():
-        U, s = net(y, t), net.score(y, t)
-    expected = 0.5 * (y * s).sum(dim=(1, 2, 3))
-    assert U.shape == (3,) and expected.abs().min() > 1e-3  # a non-trivial check (U ~ 1e-3 to 1e-2 here)
+        U, s, b = net(y, t), net.score(y, t), net.log_norm(net.time_embedding(t))[:, 0]
+    expected = 0.5 * (y * s).sum(dim=(1, 2, 3)) + 64 * b
+    assert U.shape == (3,) and (0.5 * (y * s).sum(dim=(1, 2, 3))).abs().min() > 1e-3 and b.std() > 1e-4
     assert torch.allclose(U, expected, rtol=1e-4, atol=0), (U, expected)
+
+
+def test_score_is_the_last_layer_divided_by_sqrt_t(script):
+    """s = out(h) / sqrt(t): the score of p_t is ~ z / sqrt(t), and the network only has to find z."""
+    m = script("05_dual_score.py")
+    torch.manual_seed(3)
+    net, raw = m.ScoreUNet(1, 4), []
+    net.out.register_forward_hook(lambda mod, inp, out: raw.append(out))
+    y, t = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([1e-6, 4.0])
+    with torch.no_grad():
+        s = net.score(y, t)
+    assert torch.allclose(s, raw[0] / t.sqrt().view(-1, 1, 1, 1), rtol=1e-6)
+
+
+def test_without_b_an_energy_zero_at_the_origin_cannot_conserve_mass(script):
+    """Why U has d b(t). Data: dequantized zeros, x = u / 256, second moment m2 = 1/(3 * 256^2) per pixel.
+    The exact Gaussian energy with that moment is ||y||^2/(2v) + (d/2) log(2 pi v), v = m2 + t. Its y-part is 0
+    at y = 0 like 0.5 <y, s>, and alone has mean t d_t U / d = -t/(2v) on p_t (-0.5 once t >> m2), not 0;
+    adding d b(t) with b = 0.5 log(2 pi v) (the head's job) gives 0 at every t."""
+    import types
+    m = script("05_dual_score.py")
+    m2, ts = 1 / (3 * 256 ** 2), [1e-7, 1e-5, 1e-3, 1e-1, 1e1]
+    y_part = lambda y, t: y.pow(2).flatten(1).sum(1) / (2 * (m2 + t))  # noqa: E731
+    full = lambda y, t: y_part(y, t) + y[0].numel() * 0.5 * torch.log(2 * math.pi * (m2 + t))  # noqa: E731
+    x = torch.zeros(4000, 1, 4, 4, dtype=torch.uint8)
+    cfg = types.SimpleNamespace(T_MIN=ts[0], T_MAX=ts[-1])
+    rows_y, rows_full = (m.mass_conservation(f, x, cfg, "cpu", n_levels=5) for f in (y_part, full))
+    for (t, vy), (_, vf) in zip(rows_y, rows_full):
+        assert t == pytest.approx(ts.pop(0)) and vy == pytest.approx(-t / (2 * (m2 + t)), abs=0.01), (t, vy)
+        assert vf == pytest.approx(0.0, abs=0.01), (t, vf)
+    assert rows_y[-1][1] < -0.45
 
 
 def test_mass_conservation_reports_t_times_the_time_score_over_d(script):
@@ -262,3 +299,37 @@ def test_mass_conservation_reports_t_times_the_time_score_over_d(script):
     rows = m.mass_conservation(energy, x_uint8, types.SimpleNamespace(T_MIN=1e-2, T_MAX=1e2), "cpu", n_levels=5)
     assert [t for t, _ in rows] == pytest.approx([1e-2, 1e-1, 1.0, 1e1, 1e2])
     assert [v for _, v in rows] == pytest.approx([0.5] * 5, rel=1e-5)
+
+
+def test_strong_generalization_trains_two_models_per_size_and_compares_them(script, tmp_path, tiny_npz, capsys, monkeypatch):
+    """Per N: model A on training images 0 ... N-1, model B on N ... 2N-1, both scored on A's images."""
+    m = script("05_dual_score.py")
+    args = [f"--dataset={tiny_npz}", "--steps=2", "--batch=4", "--width=2", "--device=cpu", f"--out_dir={tmp_path}"]
+    seen, train = [], m.train_images
+    def spy(cfg, x_train, x_curve, *rest):
+        seen.append((x_train.clone(), x_curve.clone()))
+        return train(cfg, x_train, x_curve, *rest)
+    monkeypatch.setattr(m, "train_images", spy)
+    rms = m.main(args + ["--strong_gen=4,30"])
+    x = script("03_mdsm_train.py").load_images(str(tiny_npz), split="train")
+    for (xa, ea), (xb, eb), n in ((seen[0], seen[1], 4), (seen[2], seen[3], 30)):  # A, B: disjoint halves; A's images scored
+        assert torch.equal(xa, x[:n]) and torch.equal(xb, x[n:2 * n]) and torch.equal(ea, x[:n]) and torch.equal(eb, x[:n])
+    text = capsys.readouterr().out
+    assert sorted(rms) == [4, 30] and all(math.isfinite(v) and v > 0 for v in rms.values())
+    assert text.count("M parameters, 30 training images") == 2 and "N = 4: mean log p of A's 4 training images" in text
+    assert all((tmp_path / f"tiny_N{n}{h}.pt").exists() for n in (4, 30) for h in "AB")
+    assert (tmp_path / "05_strong_generalization_tiny.png").exists()
+    with pytest.raises(SystemExit, match="needs 2 N <= 80 training images"):
+        m.main(args + ["--strong_gen=41", f"--out_dir={tmp_path / 'big'}"])
+
+
+def test_strong_generalization_reports_the_rms_difference_in_db_per_dim(script, tmp_path, tiny_npz, monkeypatch):
+    """Models A and B whose bits/dim differ by exactly 1 on every image: log p differs by 10 log10(2) = 3.0103
+    dB/dim (bits/dim = 8 - log2 p / d, dB/dim = 10 log10 p / d), so the RMS difference is 3.0103."""
+    m = script("05_dual_score.py")
+    models = iter(["A", "B"])
+    monkeypatch.setattr(m, "train_images", lambda cfg, x, *rest: (next(models), []))
+    monkeypatch.setattr(m, "image_density", lambda model, x, *rest: {"deq": torch.full((len(x),), 9.0 if model == "A" else 10.0,
+                                                                                          dtype=torch.float64)})
+    rms = m.main([f"--dataset={tiny_npz}", "--device=cpu", f"--out_dir={tmp_path}", "--strong_gen=8"])
+    assert rms[8] == pytest.approx(10 * math.log10(2), rel=1e-9)
