@@ -1,0 +1,65 @@
+"""Trust check for 05's image density (not a pytest test: ~15 CPU minutes; run it by hand).
+
+Data whose exact log-density is known: samples of the full-covariance Gaussian fitted to the training
+digits (dequantized, like 05's baseline). 05's ScoreUNet is trained on them with 05's own loss, constant c
+and single-pass log p, then its estimate of the test NLL is printed next to the exact one. A density
+estimate can only be above the exact NLL (up to noise); one below it would mean a wrong normalization.
+
+    python tests/check_05_gaussian.py --data_dir=data --image_size=16 --steps=3000
+"""
+import argparse
+import importlib.util
+import math
+import os
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name[:2] + "_module", os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--image_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n_test", type=int, default=300)
+    args = parser.parse_args()
+    dual, mdsm = load("05_dual_score.py"), load("03_mdsm_train.py")
+    torch.manual_seed(0)
+    digits = mdsm.load_images("mnist", args.data_dir, "train", args.image_size)
+    x = dual.dequantize(digits, torch.Generator().manual_seed(3)).double().flatten(1)
+    gauss = torch.distributions.MultivariateNormal(x.mean(0), covariance_matrix=torch.cov(x.T))
+    shape, d = digits.shape[1:], x.shape[1]
+    train, test = (gauss.sample((n,)).float().view(n, *shape) for n in (60000, args.n_test))
+    exact = 8 - gauss.log_prob(test.double().flatten(1)) / (d * math.log(2))   # bits/dim, 05's convention
+    print(f"exact NLL of {args.n_test} test samples: {exact.mean():.3f} bits/dim (d = {d})")
+    net = dual.ScoreUNet(shape[0], args.width)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    gen, t_start = torch.Generator().manual_seed(0), time.time()
+    for step in range(1, args.steps + 1):
+        batch = train[torch.randint(len(train), (32,), generator=gen)]
+        t = dual.log_uniform(32, 1e-9, 1e3, gen)
+        dsm, tsm, *_ = dual.dual_score_losses(net, batch, t, torch.randn(batch.shape, generator=gen))
+        opt.zero_grad()
+        (dsm + tsm).mean().backward()
+        opt.step()
+        if step % 500 == 0 or step == args.steps:
+            y_T = test + math.sqrt(1e3) * torch.randn(test.shape, generator=torch.Generator().manual_seed(1))
+            c = dual.normalizing_constant(dual.energies(net, y_T, 1e3), d, 1e3)
+            model = 8 - dual.normalized_log_p(net, test, c, 1e-9) / (d * math.log(2))
+            print(f"step {step} ({(time.time() - t_start) / 60:.1f} min): model {model.mean():.3f} bits/dim, exact "
+                  f"{exact.mean():.3f}; model - exact {(model - exact).mean():+.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
