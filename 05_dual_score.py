@@ -275,7 +275,7 @@ def start_model(cfg, channels, device, ckpt_path, mdsm):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.LR_HALVE_EVERY, gamma=0.5)
     if cfg.RESUME != os.path.isfile(ckpt_path):  # never a silent fresh start, never an overwrite
-        raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}; run without --resume to start one" if cfg.RESUME else
+        raise SystemExit(f"error: --{'eval_only' if cfg.EVAL_ONLY else 'resume'}: no checkpoint at {ckpt_path}; train one" if cfg.RESUME else
                          f"error: {ckpt_path} already exists; pass --resume to continue, --eval_only to evaluate, or another --out_dir")
     if not cfg.RESUME:
         return model, opt, sched, 0, []

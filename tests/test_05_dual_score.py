@@ -203,6 +203,8 @@ def test_image_mode_trains_evaluates_resumes_and_refuses_clearly(script, tmp_pat
         m.main(args[:4] + ["--width=3"] + args[5:] + ["--steps=6", "--resume"])
     with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
         m.main(args[:-1] + [f"--out_dir={tmp_path / 'empty'}", "--resume"])
+    with pytest.raises(SystemExit, match="--eval_only: no checkpoint at"):
+        m.main(args[:-1] + [f"--out_dir={tmp_path / 'empty'}", "--eval_only"])
 
 
 @pytest.mark.parametrize("bad, message", [("--batch=0", "--batch=0 is out of range"), ("--lr=-1", "--lr=-1.0"),
