@@ -10,7 +10,7 @@ normalizes the model at every t:  log p(x) = -(U(x, 0) + c),  c = (d/2) log(2 pi
 Toy (default): the paper's Figure 1; single SM gets the score about right, not the modes' levels. Images below.
   python 05_dual_score.py      # toy, 1 thread ~3-5 min: log p error on data dual 0.11, single 5.8 dB/dim
   python 05_dual_score.py --dataset=mnist --image_size=16 --width=16 --lr=1e-3 --lr_halve_every=1500 --steps=4000 --eval_every=500
-  # -> about 2.1 bits/dim in 26 min on a 2-core CPU; full-covariance Gaussian 4.99, histograms 2.64 (README)
+  # -> 2.19 bits/dim after 26 min on a 2-core CPU; full-covariance Gaussian 5.03, histograms 2.71 (README)
 Paper: 3.36 bits/dim on ImageNet64 with --width=64 --batch=128 --steps=1000000 (4-5 H100 days).
 """
 import functools
