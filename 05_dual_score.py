@@ -213,7 +213,7 @@ class ScoreUNet(nn.Module):
     learn in CPU minutes (README): the output is divided by sqrt(t), as the score of p_t is ~ z / sqrt(t); and U
     gets a learned d b(t), like the paper's toy energy. 0.5 <y, s> is 0 at y = 0 for every t, so without b the
     (d/2) log(2 pi (s^2 + t)) part of -log p_t must be built out of y, the slowest thing the time score learns."""
-    def __init__(self, in_channels=1, width=16, emb_dim=256, design=None):
+    def __init__(self, in_channels=1, width=16, emb_dim=256, design=None):  # design: a tag, so older checkpoints are refused
         super().__init__()
         self.model_args = dict(in_channels=in_channels, width=width, emb_dim=emb_dim, design="s/sqrt(t), d b(t)")
         C, E, chans = width, emb_dim, [width, 2 * width, 4 * width]

@@ -335,3 +335,15 @@ def test_strong_generalization_reports_the_rms_difference_in_db_per_dim(script, 
                                                                                           dtype=torch.float64)})
     rms = m.main([f"--dataset={tiny_npz}", "--device=cpu", f"--out_dir={tmp_path}", "--strong_gen=8"])
     assert rms[8] == pytest.approx(10 * math.log10(2), rel=1e-9)
+
+
+def test_a_checkpoint_of_the_older_design_is_refused_with_one_line(script, tmp_path, tiny_npz):
+    """Checkpoints written before b(t) and the 1/sqrt(t) output have no 'design' tag: one line, not a traceback."""
+    m, mdsm = script("05_dual_score.py"), script("03_mdsm_train.py")
+    args = [f"--dataset={tiny_npz}", "--steps=2", "--batch=4", "--width=2", "--n_test=8", "--n_draws=1", f"--out_dir={tmp_path}"]
+    m.main(args)
+    ck = mdsm.load_checkpoint(str(tmp_path / "tiny.pt"), kind="dual-score")
+    del ck["model_args"]["design"]
+    mdsm.save_checkpoint(ck, str(tmp_path / "tiny.pt"))
+    with pytest.raises(SystemExit, match=r"holds a ScoreUNet\{'in_channels': 1, 'width': 2, 'emb_dim': 256\} but this run builds"):
+        m.main(args + ["--eval_only"])
