@@ -9,12 +9,10 @@ level sigma in [0.05, 1.2] at once, with x~ = x + sigma * eps:
 Its minimizer is sigma0^2 grad E(x~) = x~ - E[x | x~] (Tweedie): one step of size sigma0^2 down the
 energy denoises x~, and exp(-E / T) matches the noisy data at T = sigma^2 / sigma0^2 (04 anneals through T).
 
-Commands (--out_dir gets ckpt.pt and denoise_*.png grids; the README has --resume, --benchmark, torchrun, results)
+Commands (--out_dir gets ckpt.pt and denoise_*.png grids; the README has Fashion-MNIST, --resume, --benchmark, torchrun)
   python 03_mdsm_train.py --dataset=mnist --image_size=16 --width=32 --blocks_per_stage=1 --batch_size=64 \
       --steps=3000 --lr=5e-4 --lr_min=1e-5           # CPU: about 30 minutes; 04 then samples digits
   python 03_mdsm_train.py --dataset=cifar10          # the paper's run: 62M params, 300k steps (GPU)
-  python 03_mdsm_train.py --dataset=fashion-mnist --lr=1e-4 --steps=100000 --sigma_min=0.1 --sigma_max=3 \
-      --sigma_spacing=log                            # the authors' Fashion-MNIST settings (GPU)
 """
 import gzip, hashlib, math, os, pathlib, pickle, shutil, sys, tarfile, tempfile, time, urllib.request
 
@@ -44,8 +42,8 @@ GRID_EVERY = 2000            # steps between noisy -> denoised PNG grids
 CKPT_EVERY = 5000            # steps between checkpoints (one more at the end) ...
 CKPT_MINUTES = 10.0          # ... and at the first loss check this many minutes after the last save
 RESUME = False               # continue from OUT_DIR/ckpt.pt; a new --lr/--lr_min/--steps rebuilds the schedule
-PRECISION = "fp32"           # fp32 (true fp32, TF32 off: the authors') | tf32 | bf16 (autocast trunk); CUDA
-BENCHMARK = False            # train BENCH_STEPS steps in each precision and compare the loss trajectories
+PRECISION = "fp32"           # fp32 (TF32 off: the authors') | tf32 | bf16 (autocast trunk), CUDA; +compile: torch.compile
+BENCHMARK = False            # train BENCH_STEPS steps in fp32 and in --precision (fp32: in every one), compare the losses
 BENCH_STEPS = 100            # steps per benchmark variant (the same start, data and noise for each)
 BENCH_TOL = 0.01             # largest relative loss difference from fp32 that the benchmark accepts
 SMOKE = False                # width 8, 1 block per stage, batch 16, 20 steps for the knobs you did not pass
@@ -160,8 +158,7 @@ class EnergyNet(nn.Module):  # E(x): (B, C, H, W) -> (B,); CIFAR-10: EnergyNet(3
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
         blocks = []
         for c_in, c_out in ((width, 2 * width), (2 * width, 4 * width), (4 * width, 8 * width)):  # 32x32 -> 16 -> 8 -> 4
-            blocks.append(ResBlock(c_in, c_out, down=True))
-            blocks += [ResBlock(c_out, c_out, down=False) for _ in range(blocks_per_stage - 1)]
+            blocks += [ResBlock(c_in, c_out, down=True)] + [ResBlock(c_out, c_out, down=False) for _ in range(blocks_per_stage - 1)]
         self.blocks = nn.Sequential(*blocks)
         n_features = 8 * width * (h // 8) * (w // 8)  # 1024 * 4 * 4 = 16384 for CIFAR-10
         self.lin1, self.lin2, self.lin3 = (nn.Linear(n_features, 1) for _ in range(3))
@@ -176,15 +173,16 @@ class EnergyNet(nn.Module):  # E(x): (B, C, H, W) -> (B,); CIFAR-10: EnergyNet(3
 # ==== Loss: MDSM as the authors coded it ====
 def noise_levels(batch_size, sigma_min, sigma_max, spacing="linear", device="cpu"):
     """One sigma per batch slot, stratified over [sigma_min, sigma_max] (shuffled data pairs them)."""
-    if spacing == "log":  # the paper's Fashion-MNIST setting
-        return torch.logspace(np.log10(sigma_min), np.log10(sigma_max), batch_size, device=device)
-    return torch.linspace(sigma_min, sigma_max, batch_size, device=device)
+    return torch.logspace(np.log10(sigma_min), np.log10(sigma_max), batch_size, device=device) if spacing == "log" \
+        else torch.linspace(sigma_min, sigma_max, batch_size, device=device)  # log: the paper's Fashion-MNIST setting
 
-def mdsm_loss(model, x, sigmas, eps, sigma0):
-    """Batch mean of the per-sample loss; grad_x E keeps its graph for the weights' gradient (double backprop)."""
+def mdsm_loss(model, x, sigmas, eps, sigma0, functional=False):  # functional: the same numbers, by torch.func.grad
+    """Batch mean of the per-sample loss; grad_x E keeps its graph for the weights' gradient (double backprop).
+    torch.compile (+compile) cannot double-backward through autograd.grad (torch 2.13), but can through torch.func.grad."""
     s = sigmas.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_noisy = (x + s * eps).requires_grad_(True)  # x~ = x + sigma*eps
-    (grad_energy,) = torch.autograd.grad(model(x_noisy).sum(), x_noisy, create_graph=True)  # (B, C, H, W)
+    x_noisy = (x + s * eps).requires_grad_(not functional)  # x~ = x + sigma*eps
+    grad_energy = torch.func.grad(lambda y: model(y).sum())(x_noisy) if functional else \
+        torch.autograd.grad(model(x_noisy).sum(), x_noisy, create_graph=True)[0]  # (B, C, H, W)
     # eq. 10 with the code's 1/sigma^2: ||x - x~ + sigma0^2 grad E(x~)||^2 / (sigma^2 sigma0^4), x - x~ = -sigma eps
     r = sigma0**2 * grad_energy.to(eps.dtype) - s * eps  # (B, C, H, W), fp32 even under autocast
     return (r.pow(2).flatten(1).sum(1) / (sigmas**2 * sigma0**4)).mean()
@@ -194,8 +192,7 @@ def make_checkpoint(model, config, step=0, optimizer=None, scheduler=None, ema=N
     ckpt = {"kind": kind, "model_args": dict(model.model_args), "config": dict(config), "step": step,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
     ckpt.update({name: part.state_dict() for name, part in (("optimizer", optimizer), ("scheduler", scheduler)) if part})
-    if ema is not None:
-        ckpt["ema"] = {k: v.detach().cpu() for k, v in ema.items()}
+    ckpt.update({"ema": {k: v.detach().cpu() for k, v in ema.items()}} if ema is not None else {})
     return ckpt  # everything needed to resume or sample: model_args rebuild the net, config holds every knob
 
 def save_checkpoint(ckpt, path):  # atomic: a temporary file renamed over `path`; a failed write keeps the old one
@@ -246,7 +243,7 @@ def check_config(c, world=1):  # every knob against its allowed range, before an
                  IMAGE_SIZE=(c.IMAGE_SIZE >= 0 and c.IMAGE_SIZE % 8 == 0, "0, 8, 16, 24, ..."), BENCH_TOL=(c.BENCH_TOL > 0, "> 0"),
                  SIGMA_MIN=(0 < c.SIGMA_MIN <= c.SIGMA_MAX, "(0, --sigma_max]"), CKPT_MINUTES=(c.CKPT_MINUTES > 0, "> 0"),
                  SIGMA_SPACING=(c.SIGMA_SPACING in ("linear", "log"), "linear, log"),
-                 PRECISION=(c.PRECISION in ("fp32", "tf32", "bf16"), "fp32, tf32, bf16"))
+                 PRECISION=(c.PRECISION.removesuffix("+compile") in ("fp32", "tf32", "bf16"), "fp32, tf32, bf16 (+compile)"))
     for knob, (ok, allowed) in rules.items():
         if not ok:
             raise SystemExit(f"error: --{knob.lower()}={getattr(c, knob)} is out of range; allowed: {allowed}")
@@ -290,12 +287,12 @@ def train(cfg, data, device, rank=0, world=1):  # the training loop; data: uint8
     n, c, h, w = data.shape
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h if h == w else [h, w]).to(device, memory_format=fmt)
-    # fp32: true fp32 (TF32 off), the authors' arithmetic; tf32: TF32 products on CUDA; bf16: autocast the trunk
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.PRECISION == "tf32"
-    torch.backends.cudnn.benchmark, use_bf16 = device.type == "cuda", cfg.PRECISION == "bf16"  # cuDNN: fastest kernels
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.PRECISION.startswith("tf32")
+    torch.backends.cudnn.benchmark, use_bf16 = device.type == "cuda", cfg.PRECISION.startswith("bf16")  # cuDNN: fastest
     opt = torch.optim.Adam(model.parameters(), lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), fused=device.type == "cuda")
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.EMA_DECAY > 0 else None
     noise_gen = torch.Generator().manual_seed(cfg.SEED)  # on the CPU: the same noise on every device
+    loss_fn = torch.compile(lambda *a: mdsm_loss(*a, functional=True)) if cfg.PRECISION.endswith("+compile") else mdsm_loss
     ckpt_path = os.path.join(cfg.OUT_DIR, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg.RESUME:
         raise SystemExit(f"error: {ckpt_path} already exists; pass --resume to continue it, or another --out_dir")
@@ -308,14 +305,13 @@ def train(cfg, data, device, rank=0, world=1):  # the training loop; data: uint8
     window_start, per_epoch, order = start, n // cfg.BATCH_SIZE, None
     for step in range(start + 1, cfg.STEPS + 1):
         epoch, batch_in_epoch = divmod(step - 1, per_epoch)
-        if order is None or batch_in_epoch == 0:
-            g = torch.Generator().manual_seed(cfg.SEED * 100_003 + epoch)  # a function of (seed, epoch) alone:
-            order = torch.randperm(n, generator=g).to(device)  # a resumed run sees the same batches
+        if order is None or batch_in_epoch == 0:  # a function of (seed, epoch) alone: a resumed run sees the same batches
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.SEED * 100_003 + epoch)).to(device)
         batch = order[batch_in_epoch * cfg.BATCH_SIZE:(batch_in_epoch + 1) * cfg.BATCH_SIZE]
         x = images_to_float(data[batch[mine]]).contiguous(memory_format=fmt)  # (B / world, C, H, W) in [0, 1]
         eps = torch.randn((cfg.BATCH_SIZE, c, h, w), generator=noise_gen)[mine].to(device, memory_format=fmt)  # global draw
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = mdsm_loss(model, x, sigmas, eps, cfg.SIGMA0)
+            loss = loss_fn(model, x, sigmas, eps, cfg.SIGMA0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # data parallel by hand: the mean of the ranks' gradients = the global batch's gradient.
@@ -363,16 +359,20 @@ def train(cfg, data, device, rank=0, world=1):  # the training loop; data: uint8
 
 # ==== Benchmark: each precision trains BENCH_STEPS steps from the same start, data and noise (same seed) ====
 def benchmark(cfg, data, device):
-    runs = {}  # precision -> (checks, 3): step, normalized loss, it/s
-    for precision in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16"):
+    runs, cuda = {}, device.type == "cuda"  # precision -> (checks, 3): step, normalized loss, it/s
+    every = ["tf32", "bf16", "tf32+compile", "bf16+compile"] if cuda else ["bf16"]  # (+compile on a CPU: --precision)
+    for precision in ["fp32", *(every if cfg.PRECISION == "fp32" else [cfg.PRECISION])]:  # fp32 first: the reference
+        torch.cuda.reset_peak_memory_stats(device) if cuda else None
         with tempfile.TemporaryDirectory() as out:
             set_seed(cfg.SEED)  # the same initial weights for every precision
             run = type(cfg)(**{**vars(cfg), "PRECISION": precision, "OUT_DIR": out, "STEPS": cfg.BENCH_STEPS,
                                "LOG_EVERY": max(1, cfg.BENCH_STEPS // 10), "GRID_EVERY": 10**9, "RESUME": False})
             runs[precision] = trajectory = np.array(train(run, data, device))
+        ms = 1000 / np.median(trajectory[len(trajectory) > 1:, 2])  # past the first check: warm-up, compilation
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak" if cuda else "peak memory: CUDA only"
         stray = np.abs(trajectory[:, 1] / runs["fp32"][:, 1] - 1).max()  # the loss trajectory against fp32's
-        print(f"benchmark {precision}: {1000 / trajectory[-1, 2]:.1f} ms/step | loss trajectory differs from fp32's by up"
-              f" to {stray:.1e} (relative): " + ("ok" if stray <= cfg.BENCH_TOL else "REFUSED, beyond --bench_tol"), flush=True)
+        print(f"benchmark {precision}: {ms:.1f} ms/step, {cfg.BATCH_SIZE * 1000 / ms:.0f} img/s, {peak}, --steps={cfg.STEPS} in "
+              f"{cfg.STEPS * ms / 3.6e6:.2f} h | loss vs fp32's: {stray:.1e} " + ("ok" if stray <= cfg.BENCH_TOL else "REFUSED"))
     return runs
 
 def main(argv=None):

@@ -333,12 +333,51 @@ def test_benchmark_compares_each_precision_with_fp32_from_the_same_start(tmp_pat
     runs = m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu",
                    "--bench_steps=4", f"--out_dir={tmp_path / 'bench'}"])
     out = capsys.readouterr().out
-    assert "benchmark fp32: " in out and "differs from fp32's by up to 0.0e+00 (relative): ok" in out
+    assert "benchmark fp32: " in out and "loss vs fp32's: 0.0e+00 ok" in out
     assert "benchmark bf16: " in out and set(runs) == {"fp32", "bf16"}
     assert runs["fp32"][:, 1] == pytest.approx(runs["bf16"][:, 1], rel=0.05)  # same start, data and noise
     stray = np.abs(runs["bf16"][:, 1] / runs["fp32"][:, 1] - 1).max()  # bf16 against fp32, not against itself
-    assert 0 < stray and "benchmark bf16: " in out and f"by up to {stray:.1e} (relative)" in out
+    assert 0 < stray and "benchmark bf16: " in out and f"loss vs fp32's: {stray:.1e} ok" in out
     assert not (tmp_path / "bench" / "ckpt.pt").exists()  # benchmark runs leave no checkpoint behind
+
+
+def test_functional_loss_is_the_same_numbers_and_the_only_one_torch_compile_can_train():
+    # +compile trains through mdsm_loss(functional=True): grad_x E by torch.func.grad instead of autograd.grad.
+    torch.manual_seed(0)
+    model = m.EnergyNet(1, 4, 1, 16)
+    x, eps = torch.rand(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
+    sigmas = m.noise_levels(6, 0.05, 1.2)
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn(model, x, sigmas, eps, SIGMA0)
+        loss.backward()  # the weights' gradient: a derivative of grad_x E (double backprop)
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, grads = loss_and_grads(m.mdsm_loss)
+    for loss_fn, rtol in ((lambda *a: m.mdsm_loss(*a, functional=True), 1e-6),  # eager: the same arithmetic
+                          (torch.compile(lambda *a: m.mdsm_loss(*a, functional=True), backend="aot_eager"), 1e-5)):
+        other_loss, other_grads = loss_and_grads(loss_fn)
+        assert torch.allclose(other_loss, loss, rtol=rtol, atol=0) and len(other_grads) == len(grads)
+        assert all(torch.allclose(a, b, rtol=rtol, atol=1e-6 * b.abs().max().item()) for a, b in zip(other_grads, grads))
+    with pytest.raises(RuntimeError, match="double backward"):  # why the functional form exists
+        loss_and_grads(torch.compile(m.mdsm_loss, backend="aot_eager"))
+
+
+def test_benchmark_of_one_compiled_precision_prints_speed_memory_and_the_projected_run(tmp_path, capsys, monkeypatch):
+    real_compile = torch.compile  # aot_eager: the same tracing as inductor without a C++ build, fast enough for a test
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or real_compile(fn, backend="aot_eager"))
+    runs = m.main([f"--dataset={tiny_dataset(tmp_path)}", "--smoke", "--batch_size=8", "--benchmark", "--device=cpu",
+                   "--bench_steps=6", "--precision=fp32+compile", "--steps=300000", f"--out_dir={tmp_path / 'bench'}"])
+    out = capsys.readouterr().out
+    assert list(runs) == ["fp32", "fp32+compile"] and len(compiled) == 1  # fp32, then only the precision asked for
+    assert runs["fp32+compile"][:, 1] == pytest.approx(runs["fp32"][:, 1], rel=1e-5)  # compiling changes no number
+    line = next(x for x in out.splitlines() if x.startswith("benchmark fp32+compile: "))
+    ms, img_s, hours = (float(line.split(sep)[0].split()[-1]) for sep in (" ms/step", " img/s", " h |"))
+    assert ms == pytest.approx(1000 / np.median(runs["fp32+compile"][1:, 2]), rel=1e-3)  # past the first window
+    assert img_s == pytest.approx(8 * 1000 / ms, rel=1e-2) and hours == pytest.approx(300000 * ms / 3.6e6, rel=1e-2)
+    assert "peak memory: CUDA only" in line and line.endswith(" ok")
 
 
 def test_fp32_means_true_fp32_and_tf32_is_an_opt_in(tmp_path):

@@ -89,6 +89,18 @@ def test_schedule_segment_by_segment(script):
     assert torch.allclose(t, torch.tensor([16, 16, 16, 16, 8, 4, 2, 1, 0.5, 0.0]))
 
 
+def test_sampler_log_projects_the_time_of_50000_samples(script, capsys):
+    m = script(FILE)
+    cfg = types.SimpleNamespace(N_SAMPLES=3, BATCH=2, N_HOT=1, N_ANNEAL=0, N_COOL=0, T_MAX=4.0, STEP_SIZE=0.02, DENOISE=True)
+    m.generate(GaussianEnergyNet(mean=0.3, var=0.04), (1, 2, 2), 0.1, cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "samples/s" in line]
+    assert [line.split(" |")[0] for line in lines] == ["step 2", "step 3"]  # one line per chunk, counting samples
+    for line in lines:
+        parts = [part.strip() for part in line.split("|")[1:]]  # 'key value', or 'value unit/s' for rates
+        fields = dict(p.split(" ", 1)[::-1] if p.endswith("/s") else p.rsplit(" ", 1) for p in parts)
+        assert float(fields["h per 50k"]) == pytest.approx(50_000 / float(fields["samples/s"]) / 3600, rel=1e-3)
+
+
 def test_final_denoise_switch_of_the_checkpoint_sampler(script):
     """generate() with a closed-form energy: one Langevin step at T = 4, then Tweedie at the model's sigma0."""
     m = script(FILE)
