@@ -259,8 +259,7 @@ def resume(cfg, path, model, opt, ema, noise_gen):  # loads `path` into this run
     if ckpt.get("model_args") != model.model_args or ckpt["step"] >= cfg.STEPS:
         raise SystemExit(f"error: {path} holds step {ckpt['step']} of {ckpt.get('model_args')}, this run {model.model_args} to "
                          f"--steps={cfg.STEPS}: pass the same --width/--blocks_per_stage/--dataset/--image_size, more --steps")
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
+    model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
     for p, state in opt.state.items():  # Adam's state to the model's device and memory layout (CPU <-> CUDA)
         state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape})
     opt.param_groups[0]["betas"] = (cfg.BETA1, cfg.BETA2)  # a new --beta1/--beta2 applies too (one param group)
@@ -284,8 +283,7 @@ def denoise_grid(model, x, sigma0, path):
     return torch.cat(rows)  # (9 n, C, H, W): clean, then per sigma noisy x~ and one-step denoised x~ - sigma0^2 grad E(x~)
 
 def train(cfg, data, device, rank=0, world=1):  # the training loop; data: uint8 (N, C, H, W) on `device`
-    n, c, h, w = data.shape
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    (n, c, h, w), fmt = data.shape, torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = EnergyNet(c, cfg.WIDTH, cfg.BLOCKS_PER_STAGE, h if h == w else [h, w]).to(device, memory_format=fmt)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.PRECISION.startswith("tf32")
     torch.backends.cudnn.benchmark, use_bf16 = device.type == "cuda", cfg.PRECISION.startswith("bf16")  # cuDNN: fastest
@@ -345,8 +343,7 @@ def train(cfg, data, device, rank=0, world=1):  # the training loop; data: uint8
                     e_noise = model(torch.rand_like(x)).float().mean().item()  # and of U[0,1] noise images
                 log_line(step, {"loss": mean_loss, "normalized": normalized, "E(data)": e_data, "E(noise)": e_noise,
                                 "lr": opt.param_groups[0]["lr"], "it/s": rate, "img/s": rate * cfg.BATCH_SIZE})
-            window.zero_()
-            t_window, window_start = time.time(), step
+            window, t_window, window_start = torch.zeros_like(window), time.time(), step
         if rank == 0:  # rank 0 alone shows progress, draws grids and saves checkpoints
             progress(step - start, cfg.STEPS - start, t0)  # time left counts only this session's steps
             if step % cfg.GRID_EVERY == 0 or step == cfg.STEPS:
@@ -411,7 +408,10 @@ def main(argv=None):
     print(f"data: {cfg.DATASET} {tuple(data.shape)} uint8 ({data.numel() / 2**20:.0f} MiB), kept on {device}")
     if device.type == "cpu" and cfg.WIDTH >= 64:
         print("note: the paper-size model is meant for a GPU; for a CPU run see the first command in the docstring")
-    return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device, rank, world)
+    try:
+        return benchmark(cfg, data, device) if cfg.BENCHMARK else train(cfg, data, device, rank, world)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # +compile: inductor needs a C++ compiler (CPU), Triton (GPU)
+        raise SystemExit(f"error: torch.compile failed here ({type(e.inner_exception).__name__}); drop +compile from --precision") from None
 
 
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====

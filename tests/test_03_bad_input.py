@@ -1,6 +1,8 @@
 """03, issue 16: bad knobs, bad files, edited checkpoints, resume with new values, interrupted and
 failing saves, diverging runs. Each case ends in one line naming the cause, never a traceback, and
 never costs the last good checkpoint. Tiny data in tmp_path, CPU, seconds."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,12 +17,24 @@ m = load_script("03_mdsm_train.py")
                                          ("log_every", 0), ("grid_every", 0), ("ckpt_every", 0), ("lr", -1e-4),
                                          ("lr", 0.0), ("width", -1), ("blocks_per_stage", -2), ("ema_decay", 1.0),
                                          ("sigma_min", 2.0), ("sigma0", 0.0), ("image_size", 12), ("ckpt_minutes", 0.0),
-                                         ("precision", "fp16"), ("sigma_spacing", "cubic"), ("beta2", 1.0)])
+                                         ("precision", "fp16"), ("precision", "bf16+jit"), ("sigma_spacing", "cubic"),
+                                         ("beta2", 1.0)])
 def test_every_knob_is_checked_before_any_work(tmp_path, knob, value):
     # before any work: the data set does not even exist and out_dir is never created
-    with pytest.raises(SystemExit, match=rf"^error: --{knob}={value} is out of range; allowed: "):
+    with pytest.raises(SystemExit, match=rf"^error: --{knob}={re.escape(str(value))} is out of range; allowed: "):
         m.main([f"--{knob}={value}", f"--dataset={tmp_path / 'none.npz'}", f"--out_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_machine_where_torch_compile_fails_gets_one_line_and_no_checkpoint(tmp_path, monkeypatch):
+    def no_compiler(graph, example_inputs):  # as inductor without a C++ compiler (CPU) or Triton (GPU)
+        raise OSError("no working C++ compiler found")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend=no_compiler))
+    with pytest.raises(SystemExit, match=r"^error: torch.compile failed here \(OSError\); drop \+compile from --precision$"):
+        run_tiny(tmp_path, ["--precision=fp32+compile"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_smoke_sets_only_the_knobs_you_did_not_pass(tmp_path, capsys):
