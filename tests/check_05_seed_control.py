@@ -15,21 +15,13 @@ A vs B well above A vs A' would be memorization; the two equal, only training no
     python tests/check_05_seed_control.py --runs=out/05_sg,out/05_sg_seed1 --sizes=10,1000,10000 --image_size=16
 """
 import argparse
-import importlib.util
 import math
 import os
 import types
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name[:2] + "_module", os.path.join(ROOT, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from check_05_gaussian import load  # a numbered file as a module (this folder is on sys.path when run)
 
 
 def main():
