@@ -1,5 +1,6 @@
 """Shared fixtures: load a numbered script (its name starts with a digit) as a module."""
-import importlib.util
+
+import importlib
 import os
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts import each other by name, as they do when run from ROOT
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen in tests
 # The test models are tiny: one thread is as fast as two on a quiet machine and many times faster
 # on a busy one, where two threads per process oversubscribe the cores.
@@ -14,15 +16,9 @@ torch.set_num_threads(1)
 
 
 def load_script(filename):
-    """Import e.g. '03_mdsm_train.py' under the module name '03_mdsm_train', the same name the
-    scripts' own load_numbered() uses, so both share one module object."""
-    name = os.path.splitext(filename)[0]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, filename))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """Import e.g. '03_mdsm_train.py' as the module '03_mdsm_train' (its main() does not run): the
+    same module object the scripts get from importlib.import_module('03_mdsm_train')."""
+    return importlib.import_module(os.path.splitext(filename)[0])
 
 
 @pytest.fixture
