@@ -24,47 +24,49 @@ Conventions (the same in every file of this repository):
   Langevin step of size eta:  x <- x - (eta / 2) grad_x E(x) + sqrt(eta) * xi,  xi ~ N(0, I)
         (files 04-06 write the same rule with eta = sigma_s^2 and temperature T = 1).
 
-Run:  python 01_score_matching.py                        # CPU, about a minute: the table and the figure
+Run:  python 01_score_matching.py                  # CPU: the error table and the figure
       python 01_score_matching.py --methods=dsm --dsm_sigma=0.1 --steps=4000   # less DSM bias
-      python 01_score_matching.py --help                 # every knob and its meaning
-Expected (seed 0): relative score error against p of about 0.1-0.17 for exact and sliced SM; DSM
-at sigma = 0.3 errs by 0.35-0.41 against p but only 0.07-0.12 against q_sigma, the density it learns.
+      python 01_score_matching.py --help           # every knob and its meaning
+Expected (seed 0): score error vs p 0.08-0.17 for exact and sliced SM; DSM 0.07-0.12 vs q_sigma.
 Output: out/01_score_matching/score_matching.png (energy contours, score fields, Langevin samples).
 """
+
 import io
 import math
 import os
 import sys
 import tempfile
 import time
+import types
 
+import matplotlib.image
+import matplotlib.pyplot as plt
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn as nn
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
-SEED = 0                         # random seed for data, initialization, noise and sampling
-DEVICE = "cpu"                   # auto | cpu | cuda | mps (the 2-D toys are fastest on the CPU)
-THREADS = 1                      # CPU threads for torch; 1 is fastest for these tiny networks
-SHAPES = "mixture,ring"          # comma-separated toys: mixture (3 unequal Gaussians) | ring (6 Gaussians)
-METHODS = "exact,dsm,sliced"     # comma-separated objectives: exact | dsm | sliced
-N_TRAIN = 20000                  # training samples drawn once per toy
-N_TEST = 2000                    # held-out samples for the error table (at least 2)
-HIDDEN = 64                      # width of the three hidden layers of the energy MLP
-STEPS = 1000                     # Adam steps per (toy, objective); 2-8 s each on one CPU core
-BATCH = 256                      # samples per step
-LR = 5e-3                        # Adam learning rate, cosine-decayed to 0 over STEPS
-DSM_SIGMA = 0.3                  # DSM noise standard deviation (0.1-0.5; the bias grows with it)
-N_PROJECTIONS = 1                # random projections v per sample in sliced SM
-SLICED_VR = True                 # sliced SM: use 0.5||s||^2 (SSM-VR) instead of 0.5(v^T s)^2
-LANGEVIN_STEP = 0.01             # Langevin step size eta (see the step rule in the docstring)
-LANGEVIN_STEPS = 500             # Langevin steps from a uniform start in the plot box
-N_SAMPLES = 1000                 # Langevin chains per model
-BOX = 4.0                        # plots and Langevin starts cover [-BOX, BOX]^2
-LOG_EVERY = 500                  # print a log line every this many training steps (0: never)
+SEED = 0  # random seed for data, initialization, noise and sampling
+DEVICE = "cpu"  # auto | cpu | cuda | mps (the 2-D toys are fastest on the CPU)
+THREADS = 1  # CPU threads for torch, 1-256; 1 is fastest for these tiny networks
+SHAPES = "mixture,ring"  # comma-separated toys: mixture (3 unequal Gaussians) | ring (6 Gaussians)
+METHODS = "exact,dsm,sliced"  # comma-separated objectives: exact | dsm | sliced
+N_TRAIN = 20000  # training samples drawn once per toy
+N_TEST = 2000  # held-out samples for the error table (at least 2)
+HIDDEN = 64  # width of the three hidden layers of the energy MLP
+STEPS = 1000  # Adam steps per (toy, objective)
+BATCH = 256  # samples per step
+LR = 5e-3  # Adam learning rate, cosine-decayed to 0 over STEPS
+DSM_SIGMA = 0.3  # DSM noise standard deviation, 0.001-10 (the bias grows with it)
+N_PROJECTIONS = 1  # random projections v per sample in sliced SM
+SLICED_VR = True  # sliced SM: use 0.5||s||^2 (SSM-VR) instead of 0.5(v^T s)^2
+LANGEVIN_STEP = 0.01  # Langevin step size eta (see the step rule in the docstring)
+LANGEVIN_STEPS = 500  # Langevin steps from a uniform start in the plot box
+N_SAMPLES = 1000  # Langevin chains per model
+BOX = 4.0  # plots and Langevin starts cover [-BOX, BOX]^2; at most 1000
+LOG_EVERY = 500  # print a log line every this many training steps (0: never)
 OUT_DIR = "out/01_score_matching"  # where the figure is written
-
-# The helpers every file repeats (device, seed, --key=value overrides, logging, image grids) are at the end.
 
 
 # ---- data: toys whose log-density and score are known in closed form ----
@@ -72,7 +74,11 @@ def make_shape(name):
     """Return (means (K, 2), covs (K, 2, 2), weights (K,)) of a 2-D Gaussian mixture."""
     if name == "mixture":  # unequal weights, correlated and elongated components
         means = [[-1.5, -1.0], [1.5, -1.0], [0.0, 1.6]]
-        covs = [[[0.40, 0.25], [0.25, 0.40]], [[0.30, -0.15], [-0.15, 0.50]], [[0.60, 0.0], [0.0, 0.15]]]
+        covs = [
+            [[0.40, 0.25], [0.25, 0.40]],
+            [[0.30, -0.15], [-0.15, 0.50]],
+            [[0.60, 0.0], [0.0, 0.15]],
+        ]
         weights = [0.5, 0.3, 0.2]
     elif name == "ring":  # six equal round Gaussians on a circle of radius 2
         angles = [2 * math.pi * k / 6 for k in range(6)]
@@ -80,12 +86,14 @@ def make_shape(name):
         covs = [[[0.16, 0.0], [0.0, 0.16]]] * 6
         weights = [1 / 6] * 6
     else:
-        raise SystemExit(f"error: unknown shape {name!r}; use --shapes=mixture,ring (or one of them)")
+        raise SystemExit(
+            f"error: unknown shape {name!r}; use --shapes=mixture,ring (or one of them)"
+        )
     return torch.tensor(means), torch.tensor(covs), torch.tensor(weights)
 
 
 def sample_mixture(n, means, covs, weights):
-    """n samples (n, 2): pick a component k ~ weights, then x = mu_k + L_k z with L_k L_k^T = cov_k."""
+    """n samples (n, 2): pick a component k ~ weights, then x = mu_k + L_k z, L_k L_k^T = cov_k."""
     k = torch.multinomial(weights, n, replacement=True)  # (n,)
     z = torch.randn(n, means.shape[1], 1, device=means.device)  # (n, 2, 1)
     return means[k] + (torch.linalg.cholesky(covs)[k] @ z).squeeze(-1)
@@ -95,7 +103,9 @@ def component_terms(x, means, covs, weights):
     """x - mu_k (B, K, D), cov_k^-1 (K, D, D) and log w_k + log N(x; mu_k, cov_k) (B, K)."""
     diff = x[:, None, :] - means[None]  # (B, K, D)
     prec = torch.linalg.inv(covs)  # (K, D, D)
-    maha = torch.einsum("bki,kij,bkj->bk", diff, prec, diff)  # (B, K) squared Mahalanobis distances
+    # squared Mahalanobis distances (x - mu_k)^T cov_k^-1 (x - mu_k), (B, K)
+    maha = torch.einsum("bki,kij,bkj->bk", diff, prec, diff)
+    # log N(x; mu_k, cov_k) = -0.5 (D log 2 pi + log det cov_k + maha)
     log_norm = -0.5 * (x.shape[1] * math.log(2 * math.pi) + torch.logdet(covs))  # (K,)
     return diff, prec, weights.log() + log_norm - 0.5 * maha
 
@@ -112,6 +122,15 @@ def mixture_score(x, means, covs, weights):
     return -torch.einsum("bk,kij,bkj->bi", r, prec, diff)  # (B, D)
 
 
+def exact_energy(params):
+    """E(x) = -log p(x) of the mixture params = (means, covs, weights): the control row."""
+
+    def energy(x):
+        return -mixture_log_prob(x, *params)
+
+    return energy
+
+
 def noisy_covs(covs, sigma):
     """q_sigma = p convolved with N(0, sigma^2 I) is again a mixture, with cov_k + sigma^2 I."""
     return covs + sigma**2 * torch.eye(covs.shape[-1], device=covs.device)
@@ -124,19 +143,29 @@ class EnergyMLP(nn.Module):
 
     def __init__(self, hidden=64, dim=2):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
+        )
 
     def forward(self, x):
         return self.net(x).squeeze(-1)
 
 
 def grad_energy(energy_fn, x, create_graph=False):
-    """grad_x E(x), (B, D); the score is its negative. x that already requires grad is used as is
-    (the losses differentiate again with respect to it); create_graph=True keeps the graph for a loss."""
+    """grad_x E(x), (B, D); the score is its negative. An x that already requires grad is used
+    as is (the losses differentiate again with respect to it); create_graph=True keeps the graph
+    for a loss."""
     with torch.enable_grad():
-        x = x if x.requires_grad else x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=create_graph)  # E_b depends on x_b only
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        # E_b depends on x_b only, so the gradient of sum_b E_b gives every row at once
+        (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=create_graph)
     return grad
 
 
@@ -145,7 +174,7 @@ def exact_sm_loss(energy_fn, x):
     """Hyvarinen (2005) Eq. 3 with s = -grad E: mean over x of 0.5||s||^2 + tr(grad_x s)."""
     x = x.detach().requires_grad_(True)
     s = -grad_energy(energy_fn, x, create_graph=True)  # s = -grad E, (B, D)
-    # tr(grad_x s) = sum_i ds_i/dx_i; samples are independent, so d(sum_b s_bi)/dx_b gives row b.
+    # tr(grad_x s) = sum_i ds_i/dx_i; samples are independent, so d(sum_b s_bi)/dx_b gives row b
     trace = torch.zeros_like(s[:, 0])  # (B,)
     for i in range(x.shape[1]):
         trace = trace + torch.autograd.grad(s[:, i].sum(), x, create_graph=True)[0][:, i]
@@ -154,8 +183,8 @@ def exact_sm_loss(energy_fn, x):
 
 
 def dsm_target(x_noisy, x, sigma):
-    """Score of the noise kernel, grad_x~ log N(x~; x, sigma^2 I) = -(x~ - x) / sigma^2 = -eps / sigma."""
-    return -(x_noisy - x) / sigma**2
+    """Score of the noise kernel: grad_x~ log N(x~; x, sigma^2 I) = -(x~ - x) / sigma^2."""
+    return -(x_noisy - x) / sigma**2  # = -eps / sigma
 
 
 def dsm_loss(energy_fn, x, sigma):
@@ -170,56 +199,66 @@ def dsm_loss(energy_fn, x, sigma):
 def sliced_sm_loss(energy_fn, x, n_projections=1, variance_reduced=True):
     """Song et al. (2019) SSM: mean of v^T (grad_x s) v + 0.5 (v^T s)^2 over x and v ~ N(0, I).
     variance_reduced=True is SSM-VR: 0.5 (v^T s)^2 -> its expectation over v, 0.5 ||s||^2."""
-    x = x.detach().repeat(n_projections, 1).requires_grad_(True)  # (M*B, D), one row per (v, x)
+    x = x.detach().repeat(n_projections, 1).requires_grad_(True)  # (M*B, D), a row per (v, x)
     s = -grad_energy(energy_fn, x, create_graph=True)  # s = -grad E, (M*B, D)
     v = torch.randn_like(x)  # E[v v^T] = I, so E_v[v^T A v] = tr(A)
     v_s = (v * s).sum(1)  # (M*B,) v^T s
-    v_jac_v = (torch.autograd.grad(v_s.sum(), x, create_graph=True)[0] * v).sum(1)  # v^T (grad_x s) v
-    second = 0.5 * (s**2).sum(1) if variance_reduced else 0.5 * v_s**2
-    # SSM: J = E_x E_v[ v^T (grad_x s) v + 0.5 (v^T s)^2 ]; unbiased for exact SM since E_v[v v^T] = I
+    # v^T (grad_x s) v: the gradient of v^T s with respect to x, projected on v again
+    v_jac_v = (torch.autograd.grad(v_s.sum(), x, create_graph=True)[0] * v).sum(1)
+    if variance_reduced:
+        second = 0.5 * (s**2).sum(1)  # E_v[0.5 (v^T s)^2] = 0.5 ||s||^2
+    else:
+        second = 0.5 * v_s**2
+    # SSM: J = E_x E_v[ v^T (grad_x s) v + 0.5 (v^T s)^2 ]; unbiased for exact SM as E[v v^T] = I
     return (v_jac_v + second).mean()
 
 
 # ---- training: a plain Adam loop, the same for every objective ----
-def train_energy(model, method, data, steps, batch, lr, sigma=0.3, n_projections=1, sliced_vr=True,
-                 log_every=0):
+def objective(method, model, x, sigma, n_projections, sliced_vr):
+    """The loss of one batch x (B, D) under 'exact' | 'dsm' | 'sliced'."""
+    if method == "exact":
+        return exact_sm_loss(model, x)
+    if method == "dsm":
+        return dsm_loss(model, x, sigma)
+    if method == "sliced":
+        return sliced_sm_loss(model, x, n_projections, sliced_vr)
+    raise SystemExit(f"error: unknown method {method!r}; use exact, dsm or sliced")
+
+
+def train_energy(
+    model, method, data, steps, batch, lr, sigma=0.3, n_projections=1, sliced_vr=True, log_every=0
+):
     """Fit model (an energy) to samples data (N, D) with method 'exact' | 'dsm' | 'sliced'."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     t_start = time.time()
     for step in range(1, steps + 1):
         x = data[torch.randint(len(data), (batch,), device=data.device)]  # (B, D)
-        if method == "exact":
-            loss = exact_sm_loss(model, x)
-        elif method == "dsm":
-            loss = dsm_loss(model, x, sigma)
-        elif method == "sliced":
-            loss = sliced_sm_loss(model, x, n_projections, sliced_vr)
-        else:
-            raise SystemExit(f"error: unknown method {method!r}; use exact, dsm or sliced")
-        if not torch.isfinite(loss):  # a diverged network only gets worse: stop with the cause
-            raise SystemExit(f"error: the {method} loss is {loss.item()} at step {step}; try a smaller --lr (now {lr})")
+        loss = objective(method, model, x, sigma, n_projections, sliced_vr)
+        check_loss(loss, method, step, lr)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         progress(step, steps, t_start, method)
         if log_every and (step % log_every == 0 or step == steps):
-            log_line(step, {"method": method, "loss": loss.item(), "it/s": step / (time.time() - t_start)})
+            log_line(step, {"method": method, "loss": loss.item()})
     return model
 
 
 # ---- sampling and evaluation ----
 def langevin(energy_fn, x, step, n_steps):
-    """Unadjusted Langevin: x <- x - (eta/2) grad E(x) + sqrt(eta) xi; samples exp(-E) as eta -> 0."""
+    """Unadjusted Langevin: samples exp(-E) as the step eta -> 0."""
     for _ in range(n_steps):
+        # x <- x - (eta / 2) grad_x E(x) + sqrt(eta) xi,  xi ~ N(0, I)
         x = x - 0.5 * step * grad_energy(energy_fn, x) + math.sqrt(step) * torch.randn_like(x)
     return x.detach()
 
 
 def relative_score_error(s_model, s_true):
     """sqrt(mean ||s_model - s_true||^2 / mean ||s_true||^2): 0 is perfect, 1 is as bad as s = 0."""
-    return ((s_model - s_true).pow(2).sum(1).mean() / s_true.pow(2).sum(1).mean()).sqrt().item()
+    squared_error = (s_model - s_true).pow(2).sum(1).mean()
+    return (squared_error / s_true.pow(2).sum(1).mean()).sqrt().item()
 
 
 def energy_misfit(energy, log_p):
@@ -228,35 +267,310 @@ def energy_misfit(energy, log_p):
 
 
 def evaluate(energy_fn, test, params, noisy):
-    """The table's numbers for one energy on held-out x ~ p: score error and energy misfit against
-    p (params) and against q_sigma (noisy), each a (means, covs, weights) mixture."""
+    """The table's numbers for one energy on held-out x ~ p: score error and energy misfit
+    against p (params) and against q_sigma (noisy), each a (means, covs, weights) mixture."""
     s = -grad_energy(energy_fn, test)  # s = -grad E, (N_TEST, 2)
     with torch.no_grad():
         energy = energy_fn(test)  # (N_TEST,)
-    return {"err_p": relative_score_error(s, mixture_score(test, *params)),
-            "err_q": relative_score_error(s, mixture_score(test, *noisy)),
-            "misfit_p": energy_misfit(energy, mixture_log_prob(test, *params)),
-            "misfit_q": energy_misfit(energy, mixture_log_prob(test, *noisy))}
+    return {
+        "err_p": relative_score_error(s, mixture_score(test, *params)),
+        "err_q": relative_score_error(s, mixture_score(test, *noisy)),
+        "misfit_p": energy_misfit(energy, mixture_log_prob(test, *params)),
+        "misfit_q": energy_misfit(energy, mixture_log_prob(test, *noisy)),
+    }
+
+
+# ---- the experiment: every objective on one toy, against its closed form ----
+def run_toy(name, methods, cfg, device):
+    """Train one energy per method on toy `name`, fill its table row, and keep what the figure
+    draws. The 'true E' row runs the same evaluation and sampler on the exact energy."""
+    torch.manual_seed(cfg.SEED)
+    params = [t.to(device) for t in make_shape(name)]  # means, covs, weights
+    noisy = (params[0], noisy_covs(params[1], cfg.DSM_SIGMA), params[2])  # q_sigma, same weights
+    data = sample_mixture(cfg.N_TRAIN, *params)  # (N_TRAIN, 2)
+    test = sample_mixture(cfg.N_TEST, *params)  # (N_TEST, 2), never trained on
+    # Langevin starts, uniform in the plot box, (N_SAMPLES, 2)
+    start = (torch.rand(cfg.N_SAMPLES, 2, device=device) * 2 - 1) * cfg.BOX
+    result = {
+        "params": [t.cpu() for t in params],
+        "data": data[: cfg.N_SAMPLES].cpu().clone(),
+        "models": {},
+        "samples": {},
+    }
+    rows = {}
+    seconds = {}
+    for method in ["true E"] + methods:
+        t0 = time.time()
+        if method == "true E":  # control: the exact energy E = -log p, nothing learned
+            model = exact_energy(params)
+        else:
+            torch.manual_seed(cfg.SEED)  # every objective starts from the same initial network
+            model = EnergyMLP(cfg.HIDDEN).to(device)
+            train_energy(
+                model,
+                method,
+                data,
+                cfg.STEPS,
+                cfg.BATCH,
+                cfg.LR,
+                sigma=cfg.DSM_SIGMA,
+                n_projections=cfg.N_PROJECTIONS,
+                sliced_vr=cfg.SLICED_VR,
+                log_every=cfg.LOG_EVERY,
+            )
+        rows[method] = evaluate(model, test, params, noisy)
+        check_evaluation(rows[method], name, method, cfg)
+        torch.manual_seed(cfg.SEED + 1)  # the same Langevin noise for every model
+        samples = langevin(model, start, cfg.LANGEVIN_STEP, cfg.LANGEVIN_STEPS)  # (N_SAMPLES, 2)
+        rows[method]["logp_langevin"] = mixture_log_prob(samples, *params).mean().item()
+        check_langevin(rows[method]["logp_langevin"], name, method, cfg)
+        seconds[method] = time.time() - t0
+        if method != "true E":
+            result["models"][method] = model.cpu()
+            result["samples"][method] = samples.cpu()
+    print_table(name, rows, mixture_log_prob(test, *params), cfg.DSM_SIGMA)
+    warn_if_failed(name, rows, methods, cfg)
+    print_seconds(name, seconds)
+    return result
+
+
+def print_table(name, rows, logp, sigma):
+    """One line per energy: the numbers of evaluate() and the mean true log p of its Langevin
+    samples."""
+    print(
+        f"\n{name}: {len(logp)} held-out samples x ~ p; q_sigma = p * N(0, {sigma}^2 I); "
+        f"std(log p) = {logp.std().item():.2f}, mean log p(data) = {logp.mean().item():.3f}"
+    )
+    print(
+        f"{'method':<8} | {'score err vs p':>14} | {'vs q_sigma':>10} | {'std(E+log p)':>12} | "
+        f"{'std(E+log q)':>12} | {'log p(Langevin)':>15}"
+    )
+    for method, row in rows.items():
+        print(
+            f"{method:<8} | {row['err_p']:>14.3f} | {row['err_q']:>10.3f} | "
+            f"{row['misfit_p']:>12.3f} | {row['misfit_q']:>12.3f} | "
+            f"{row['logp_langevin']:>15.3f}",
+            flush=True,
+        )
+
+
+def print_legend(cfg):
+    """What the columns of the tables mean."""
+    print(
+        "\nscore err = sqrt(mean ||s_theta - s_true||^2 / mean ||s_true||^2) (0 perfect, 1 no "
+        "better than s = 0);\nstd(E + log p) in nats is 0 when E = -log p + const; log p(Langevin) "
+        f"is the mean true log-density of\n{cfg.N_SAMPLES} chains after {cfg.LANGEVIN_STEPS} steps "
+        f"of size {cfg.LANGEVIN_STEP} (compare mean log p(data)); the 'true E' row runs\nthe same "
+        "Langevin on the exact energy, so it shows what the sampler itself gets right."
+    )
+
+
+def warn_if_failed(name, rows, methods, cfg):
+    """A network that diverged or died still prints a row: say under the table what it means.
+    s = 0 scores 1, so an error above 0.9 against both p and q_sigma is no usable score."""
+    failed = [m for m in methods if min(rows[m]["err_p"], rows[m]["err_q"]) > 0.9]
+    if failed:
+        print(
+            f"warning: {name}: {', '.join(failed)} learned no usable score (error > 0.9 against "
+            f"p and q_sigma); try a smaller --lr (now {cfg.LR}) or more --steps (now {cfg.STEPS})"
+        )
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    shapes, methods = check_config(cfg)
+    device = pick_device(cfg.DEVICE)
+    check_memory(cfg, shapes, methods, device)
+    check_writable(cfg.OUT_DIR)
+    torch.set_num_threads(cfg.THREADS)  # more threads only add synchronization cost on 2-D toys
+    t_start = time.time()
+    results = {}
+    for name in shapes:
+        results[name] = run_toy(name, methods, cfg, device)
+    print_legend(cfg)
+    path = os.path.join(cfg.OUT_DIR, "score_matching.png")
+    plot(results, shapes, methods, path, cfg.BOX)
+    print(f"\nwrote {path}")
+    print(f"{time.time() - t_start:.0f}s in all", file=sys.stderr)
+    return results
+
+
+# ==== plumbing: nothing below this line is about the method ====
+def check_config(cfg):
+    """Stop with one line naming the knob and its allowed range; return the toy and method
+    lists. parse_config has refused nan, inf and integers of 2**62 or more; the sizes are
+    checked against the memory by check_memory, and a too large --lr or --langevin_step by the
+    checks of the results."""
+    integers = {  # knob: (lowest, highest) allowed
+        "SEED": (0, None),
+        "THREADS": (1, 256),
+        "N_TRAIN": (1, None),
+        "N_TEST": (2, None),  # a standard deviation needs two points
+        "HIDDEN": (1, None),
+        "STEPS": (1, None),
+        "BATCH": (1, None),
+        "N_PROJECTIONS": (1, None),
+        "LANGEVIN_STEPS": (1, None),
+        "N_SAMPLES": (1, None),
+        "LOG_EVERY": (0, None),
+    }
+    for knob, (low, high) in integers.items():
+        value = getattr(cfg, knob)
+        if value < low or high is not None and value > high:
+            allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+            raise SystemExit(f"error: --{knob.lower()}={value} is out of range; allowed: {allowed}")
+    numbers = {  # knob: (lowest, highest) allowed; None: above 0, or no upper end
+        "LR": (None, None),
+        "DSM_SIGMA": (1e-3, 10.0),  # below, float32 rounds x~ - x; above, q_sigma is one blur
+        "LANGEVIN_STEP": (None, None),
+        "BOX": (None, 1000.0),
+    }
+    for knob, (low, high) in numbers.items():
+        value = getattr(cfg, knob)
+        too_low = value < low if low is not None else value <= 0
+        if too_low or high is not None and value > high:
+            allowed = "a number > 0" if low is None else f"a number >= {low}"
+            if high is not None:
+                allowed += f" and <= {high}"
+            raise SystemExit(f"error: --{knob.lower()}={value} is out of range; allowed: {allowed}")
+    choices = {"SHAPES": ("mixture", "ring"), "METHODS": ("exact", "dsm", "sliced")}
+    lists = []
+    for knob, allowed in choices.items():
+        names = [s.strip() for s in getattr(cfg, knob).split(",") if s.strip()]
+        for s in names or [""]:
+            if s not in allowed or names.count(s) > 1:
+                if not s:
+                    why = "no name given"
+                elif s in allowed:
+                    why = f"{s!r} is given twice"
+                else:
+                    why = f"{s!r} is unknown"
+                raise SystemExit(
+                    f"error: --{knob.lower()}={getattr(cfg, knob)}: {why}; "
+                    f"allowed: one or more of {', '.join(allowed)} (comma-separated)"
+                )
+        lists.append(names)
+    return lists
+
+
+def check_loss(loss, method, step, lr):
+    """A diverged network only gets worse: stop with the cause at the first non-finite loss."""
+    if not torch.isfinite(loss):
+        raise SystemExit(
+            f"error: the {method} loss is {loss.item()} at step {step}; "
+            f"try a smaller --lr (now {lr})"
+        )
+
+
+def check_evaluation(row, name, method, cfg):
+    """A learned energy whose scores or energies are not finite on held-out data has diverged."""
+    if not all(math.isfinite(value) for value in row.values()):
+        raise SystemExit(
+            f"error: {name}: the energy learned by {method} is not finite on held-out data; "
+            f"try a smaller --lr (now {cfg.LR})"
+        )
+
+
+def check_langevin(logp, name, method, cfg):
+    """Chains that left every float (inf or nan) give no log p: name the step size instead."""
+    if not math.isfinite(logp):
+        raise SystemExit(
+            f"error: {name}: Langevin chains on the {method} energy diverged (mean log p = {logp} "
+            f"after {cfg.LANGEVIN_STEPS} steps); try a smaller --langevin_step "
+            f"(now {cfg.LANGEVIN_STEP})"
+        )
+
+
+def print_seconds(name, seconds):
+    """Wall time per table row, on stderr: the printed table depends on the seed alone."""
+    times = ", ".join(f"{method} {t:.1f}s" for method, t in seconds.items())
+    print(f"{name}: seconds per row (train, evaluate, sample): {times}", file=sys.stderr)
+
+
+def check_memory(cfg, shapes, methods, device):
+    """Estimate the run's memory before allocating any, and stop with one line naming the knob
+    behind the largest part when it does not fit. The bytes per item are measured on the CPU in
+    float32 and rounded up (the graph of exact SM's second derivative is the largest)."""
+    h = cfg.HIDDEN
+    per_point = 512 + 32 * h  # score and energy of the MLP and of the mixture at one point
+    plotted = 256 * (1 + len(methods)) * len(shapes)  # a sample scattered in each of its panels
+    per_row = {"exact": 700 * h, "dsm": 150 * h, "sliced": 350 * h * cfg.N_PROJECTIONS}
+    step_knob = f"--batch={cfg.BATCH}"  # one training step, with its graph
+    if max(methods, key=per_row.get) == "sliced" and cfg.N_PROJECTIONS > 1:
+        step_knob += f" x --n_projections={cfg.N_PROJECTIONS}"
+    needs = {
+        f"--n_train={cfg.N_TRAIN}": 64 * cfg.N_TRAIN,  # drawing the training set
+        f"--n_test={cfg.N_TEST}": per_point * cfg.N_TEST,
+        f"--n_samples={cfg.N_SAMPLES}": (per_point + plotted) * cfg.N_SAMPLES,
+        step_knob: max(per_row[m] for m in methods) * cfg.BATCH,
+        # weights, gradients and Adam's two moments, and the 120 x 120 grid of the figure
+        f"--hidden={h}": 128 * h * h + 120 * 120 * per_point,
+    }
+    total = sum(needs.values())
+    available = available_memory(device)
+    if total > available:
+        knob = max(needs, key=needs.get)
+        smaller = " or ".join(part.split("=")[0] for part in knob.split(" x "))
+        raise SystemExit(
+            f"error: {knob}: the run needs about {total / 2**30:.3g} GiB of memory (estimated "
+            f"before allocating), more than the {available / 2**30:.3g} GiB available on "
+            f"{device}; allowed: a smaller {smaller}"
+        )
+
+
+def available_memory(device):
+    """Bytes free now on device: the GPU's own memory, else the memory the system can give."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: MemAvailable counts reclaimable caches
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # macOS and other Unix systems: the physical memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return math.inf  # no way to ask (Windows without extra packages): the allocator decides
+
+
+def check_writable(folder):
+    """Create folder and write a scratch file in it, so that an unusable --out_dir stops the run
+    before the training time is spent."""
+    allowed = "allowed: a folder you may create and write to"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: --out_dir={folder} is a file, not a folder; {allowed}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        why = error.strerror or error
+        raise SystemExit(f"error: --out_dir={folder} is not a writable folder ({why}); {allowed}")
 
 
 def plot(results, shapes, methods, path, box):
     """Row pair per toy: energy contours + score field (true, then each method), then data and
     Langevin samples from each learned energy. One colour bar per energy row (same levels)."""
-    import matplotlib.pyplot as plt
-    import PIL.Image  # installed with matplotlib
-
     n = torch.linspace(-box, box, 120)
     grid = torch.stack(torch.meshgrid(n, n, indexing="xy"), -1).reshape(-1, 2)  # (120*120, 2)
     q = torch.linspace(-box + 0.4, box - 0.4, 17)
     qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)  # quiver points
     levels = np.arange(0.0, 12.5, 1.0)  # energy contours 1 nat apart, shifted so the minimum is 0
     cols = 1 + len(methods)  # a narrow last column holds the colour bars
-    fig, axes = plt.subplots(2 * len(shapes), cols + 1, figsize=(3.2 * cols + 0.9, 6.6 * len(shapes)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1] * cols + [0.07]})
+    fig, axes = plt.subplots(
+        2 * len(shapes),
+        cols + 1,
+        figsize=(3.2 * cols + 0.9, 6.6 * len(shapes)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1] * cols + [0.07]},
+    )
     for r, name in enumerate(shapes):
         res = results[name]
-        fields = [("true E = -log p", lambda x: -mixture_log_prob(x, *res["params"]), res["data"], "data")]
-        fields += [(m, res["models"][m], res["samples"][m], f"Langevin, {m}") for m in methods]
+        fields = [("true E = -log p", exact_energy(res["params"]), res["data"], "data")]
+        for m in methods:
+            fields.append((m, res["models"][m], res["samples"][m], f"Langevin, {m}"))
         true_logp = mixture_log_prob(grid, *res["params"]).reshape(120, 120)
         for c, (title, energy_fn, points, points_title) in enumerate(fields):
             with torch.no_grad():
@@ -264,9 +578,14 @@ def plot(results, shapes, methods, path, box):
             s = -grad_energy(energy_fn, qgrid)  # s = -grad E, (17*17, 2)
             s = s / (1 + s.norm(dim=1, keepdim=True))  # compress long arrows far from the data
             ax = axes[2 * r, c]
-            filled = ax.contourf(n, n, (e - e.min()).clamp(max=12), levels=levels, cmap="viridis")
-            ax.quiver(qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="white", scale=20, width=0.004)
-            ax.set_title(f"{name}: {title if c == 0 else 'learned E, ' + title}", fontsize=9)
+            energy = (e - e.min()).clamp(max=12)
+            filled = ax.contourf(n, n, energy, levels=levels, cmap="viridis")
+            ax.quiver(
+                qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="white", scale=20, width=0.004
+            )
+            if c > 0:
+                title = "learned E, " + title
+            ax.set_title(f"{name}: {title}", fontsize=9)
             ax = axes[2 * r + 1, c]
             ax.contour(n, n, true_logp, levels=8, colors="0.75", linewidths=0.6)
             ax.scatter(points[:, 0], points[:, 1], s=2, color="k" if c == 0 else "C3")
@@ -276,196 +595,85 @@ def plot(results, shapes, methods, path, box):
         bar.ax.tick_params(labelsize=7)
         axes[2 * r + 1, cols].axis("off")
     for ax in axes[:, :cols].flat:
-        ax.set_xlim(-box, box), ax.set_ylim(-box, box), ax.set_aspect("equal")
-        ax.set_xlabel("$x_1$", fontsize=8, labelpad=1), ax.set_ylabel("$x_2$", fontsize=8, labelpad=0)
+        ax.set_xlim(-box, box)
+        ax.set_ylim(-box, box)
+        ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$", fontsize=8, labelpad=1)
+        ax.set_ylabel("$x_2$", fontsize=8, labelpad=0)
         ax.tick_params(labelsize=7)
-    fig.suptitle("colors: E - min E in bands of 1 nat; white arrows: score s = -grad E (long arrows shortened); "
-                 "gray lines: true log p", fontsize=9)
+    fig.suptitle(
+        "colors: E - min E in bands of 1 nat; white arrows: score s = -grad E (long arrows "
+        "shortened); gray lines: true log p",
+        fontsize=9,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72)
     plt.close(fig)
-    # a 256-color PNG looks the same and is a third of the size (small enough for the README)
+    # a 256-color PNG looks the same and is a third of the size (small enough to keep in the repository)
     PIL.Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
-# ---- start-up checks: bad input stops with one line before any work ----
-def check_config(cfg):
-    """Stop with one line naming the knob and its allowed range; return the toy and method lists."""
-    at_least = {"SEED": 0, "THREADS": 1, "N_TRAIN": 1, "N_TEST": 2, "HIDDEN": 1, "STEPS": 1, "BATCH": 1,
-                "N_PROJECTIONS": 1, "LANGEVIN_STEPS": 1, "N_SAMPLES": 1, "LOG_EVERY": 0}
-    for knob, low in at_least.items():
-        if not low <= getattr(cfg, knob) < 2**62:
-            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is out of range; allowed: an integer >= {low}")
-    for knob in ("LR", "DSM_SIGMA", "LANGEVIN_STEP", "BOX"):
-        if not 0 < getattr(cfg, knob) < math.inf:  # also refuses nan
-            raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)} is out of range; allowed: a finite number > 0")
-    choices = {"SHAPES": ("mixture", "ring"), "METHODS": ("exact", "dsm", "sliced")}
-    lists = []
-    for knob, allowed in choices.items():
-        names = [s.strip() for s in getattr(cfg, knob).split(",") if s.strip()]
-        for s in names or [""]:
-            if s not in allowed or names.count(s) > 1:
-                why = f"{s!r} is given twice" if s in allowed else f"{s!r} is unknown" if s else "no name given"
-                raise SystemExit(f"error: --{knob.lower()}={getattr(cfg, knob)}: {why}; "
-                                 f"allowed: one or more of {', '.join(allowed)} (comma-separated)")
-        lists.append(names)
-    return lists
-
-
-def check_writable(folder):
-    """Create folder and write a scratch file in it, so that an unusable --out_dir stops the run
-    before the training time is spent."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise SystemExit(f"error: --out_dir={folder} is a file, not a folder; allowed: a folder you may create and write to")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise SystemExit(f"error: --out_dir={folder} is not a writable folder ({error.strerror or error}); "
-                         "allowed: a folder you may create and write to")
-
-
-def print_table(name, rows, logp, sigma):
-    """One line per energy: the numbers of evaluate() and the mean true log p of its Langevin samples."""
-    print(f"\n{name}: {len(logp)} held-out samples x ~ p; q_sigma = p * N(0, {sigma}^2 I); "
-          f"std(log p) = {logp.std().item():.2f}, mean log p(data) = {logp.mean().item():.3f}")
-    print(f"{'method':<8} | {'score err vs p':>14} | {'vs q_sigma':>10} | {'std(E+log p)':>12} | "
-          f"{'std(E+log q)':>12} | {'log p(Langevin)':>15} | {'time':>6}")
-    for method, row in rows.items():
-        print(f"{method:<8} | {row['err_p']:>14.3f} | {row['err_q']:>10.3f} | {row['misfit_p']:>12.3f} | "
-              f"{row['misfit_q']:>12.3f} | {row['logp_langevin']:>15.3f} | {row['time']:>5.1f}s", flush=True)
-
-
-def main(argv=None):
-    cfg = parse_config(globals(), argv)
-    shapes, methods = check_config(cfg)
-    device = pick_device(cfg.DEVICE)
-    check_writable(cfg.OUT_DIR)
-    torch.set_num_threads(cfg.THREADS)  # more threads only add synchronization cost on 2-D toys
-    results, t_start = {}, time.time()
-    for name in shapes:
-        set_seed(cfg.SEED)
-        params = [t.to(device) for t in make_shape(name)]  # means, covs, weights
-        noisy = (params[0], noisy_covs(params[1], cfg.DSM_SIGMA), params[2])  # q_sigma, same weights
-        data = sample_mixture(cfg.N_TRAIN, *params)  # (N_TRAIN, 2)
-        test = sample_mixture(cfg.N_TEST, *params)  # (N_TEST, 2), never trained on
-        start = (torch.rand(cfg.N_SAMPLES, 2, device=device) * 2 - 1) * cfg.BOX  # Langevin starts, uniform
-        res = results[name] = {"params": [t.cpu() for t in params], "data": data[:cfg.N_SAMPLES].cpu(),
-                               "models": {}, "samples": {}}
-        rows = {}
-        for method in ["true E"] + methods:
-            t0 = time.time()
-            if method == "true E":  # control: Langevin on the exact energy E = -log p, nothing learned
-                model = lambda x: -mixture_log_prob(x, *params)  # noqa: E731
-            else:
-                set_seed(cfg.SEED)  # every objective starts from the same initial network
-                model = EnergyMLP(cfg.HIDDEN).to(device)
-                train_energy(model, method, data, cfg.STEPS, cfg.BATCH, cfg.LR, cfg.DSM_SIGMA,
-                             cfg.N_PROJECTIONS, cfg.SLICED_VR, cfg.LOG_EVERY)
-            rows[method] = evaluate(model, test, params, noisy)
-            set_seed(cfg.SEED + 1)  # the same Langevin noise for every model
-            samples = langevin(model, start, cfg.LANGEVIN_STEP, cfg.LANGEVIN_STEPS)  # (N_SAMPLES, 2)
-            rows[method]["logp_langevin"] = mixture_log_prob(samples, *params).mean().item()
-            rows[method]["time"] = time.time() - t0
-            if method != "true E":
-                res["models"][method], res["samples"][method] = model.cpu(), samples.cpu()
-        print_table(name, rows, mixture_log_prob(test, *params), cfg.DSM_SIGMA)
-        failed = [m for m in methods if min(rows[m]["err_p"], rows[m]["err_q"]) > 0.9]  # s = 0 would score 1
-        if failed:  # a diverged or dead network still prints a table: say what it means
-            print(f"warning: {name}: {', '.join(failed)} learned no usable score (error > 0.9 against p and q_sigma); "
-                  f"try a smaller --lr (now {cfg.LR}) or more --steps (now {cfg.STEPS})")
-    print("\nscore err = sqrt(mean ||s_theta - s_true||^2 / mean ||s_true||^2) (0 perfect, 1 no better than s = 0);\n"
-          "std(E + log p) in nats is 0 when E = -log p + const; log p(Langevin) is the mean true log-density of\n"
-          f"{cfg.N_SAMPLES} chains after {cfg.LANGEVIN_STEPS} steps of size {cfg.LANGEVIN_STEP} (compare mean log p(data));"
-          " the 'true E' row runs\nthe same Langevin on the exact energy, so it shows what the sampler itself gets right.")
-    path = os.path.join(cfg.OUT_DIR, "score_matching.png")
-    plot(results, shapes, methods, path, cfg.BOX)
-    print(f"\nwrote {path} ({time.time() - t_start:.0f}s in all)")
-    return results
-
-
 # ==== shared helpers: the same text in every numbered file (tests/test_shared_helpers.py) ====
-# Device, seed, --key=value overrides, log line, progress bar, image grid, an earlier file (uses os, sys, time, np, torch).
-def pick_device(name="auto"):  # 'auto' takes cuda, then Apple's mps, then the cpu
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    name = ("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu") if name == "auto" else name
-    if not available.get(name.split(":")[0]):
-        raise SystemExit(f"error: --device={name} is not available here; use auto, cpu, cuda, cuda:N or mps")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 unless a file opts in
+def pick_device(name="auto"):  # auto: cuda, then Apple's mps, then the cpu; TF32 stays off
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in ok if ok[d]) if name == "auto" else name
+    if not ok.get(name.split(":")[0]):
+        raise SystemExit(f"error: --device={name} is not here; use auto, cpu, cuda, cuda:N or mps")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return torch.device(name)
 
-def set_seed(seed):
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds the CPU and every GPU
 
-def parse_config(namespace, argv=None):
-    """--key=value overrides of the UPPER_CASE constants, typed like their defaults; prints the result."""
-    import argparse, re, types
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line instead of argparse's usage block
-            raise SystemExit(f"error: {message}; valid options: " + " ".join("--" + k.lower() for k in knobs))
-    def typed(default):  # argparse calls cast(text) and turns a ValueError into "invalid int value: '1.5'"
-        def cast(text):
-            if isinstance(default, bool) and text.lower() in ("true", "false", "1", "0"):
-                return text.lower() in ("true", "1")
-            if isinstance(default, int) and not isinstance(default, bool) and float(text) % 1 == 0:
-                return int(float(text))  # 300000, 300_000 and 3e5 all work
-            if isinstance(default, (float, str)):
-                return type(default)(text)
-            raise ValueError(text)
-        cast.__name__ = type(default).__name__
-        return cast
-    knobs = {k: v for k, v in namespace.items() if k.isupper() and isinstance(v, (bool, int, float, str))}
-    comments = dict(re.findall(r"(?m)^([A-Z][A-Z0-9_]*) *=.*?# *(.*)$", open(namespace["__file__"]).read()))
-    parser = Parser(prog=os.path.basename(namespace["__file__"]), allow_abbrev=False,
-                    description=(namespace.get("__doc__") or "").strip().split("\n\n")[0])
-    for key, default in knobs.items():
-        bare = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # a bare --resume means true
-        parser.add_argument("--" + key.lower(), dest=key, default=default, type=typed(default), **bare,
-                            metavar=type(default).__name__,
-                            help=comments.get(key, "").replace("%", "%%") + f" [default: {default}]")
-    cfg = types.SimpleNamespace(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
-    print("config: " + " ".join(f"{k.lower()}={v}" for k, v in vars(cfg).items()), flush=True)
-    return cfg
+def parse_config(namespace, argv=None):  # --key=value overrides of the UPPER_CASE constants
+    cfg = {k: v for k, v in namespace.items() if k.isupper() and isinstance(v, (int, float, str))}
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg in ("-h", "--help"):  # the docstring's first paragraph, then the config block
+            lines = [line for line in open(namespace["__file__"]) if line.split(" ")[0] in cfg]
+            print(namespace["__doc__"].split("\n\n")[0] + "\n\nOptions (--key=value):")
+            print("".join(lines), end="")
+            raise SystemExit(0)
+        key, _, text = arg.partition("=")
+        name = key[2:].upper()
+        if name not in cfg or key != "--" + name.lower():
+            raise SystemExit(f"error: unknown option {arg}; valid: --{' --'.join(cfg).lower()}")
+        kind, bools = type(cfg[name]), {"": 1, "true": 1, "1": 1, "false": 0, "0": 0}
+        try:  # bools: bare, true/false or 1/0; numbers: finite, an int whole (3e5 = 300_000)
+            value = bools[text.lower()] if kind is bool else text if kind is str else float(text)
+            ok = kind in (bool, str) or abs(value) < 2**62 and (kind is float or value % 1 == 0)
+        except (KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise SystemExit(f"error: {arg}: not a valid {kind.__name__} (finite; ints whole)")
+        cfg[name] = kind(value)
+    print("config: " + " ".join(f"{k.lower()}={v}" for k, v in cfg.items()), flush=True)
+    return types.SimpleNamespace(**cfg)
+
 
 def log_line(step, metrics):  # the one log format: 'step 1200 | loss 0.41 | 38.2 it/s'
-    text = {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in metrics.items()}
-    parts = [f"step {step}"] + [f"{v} {k}" if k.endswith("/s") else f"{k} {v}" for k, v in text.items()]
-    print(("\r\033[K" if sys.stderr.isatty() else "") + " | ".join(parts), flush=True)  # wipes a progress bar
+    text = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in metrics.items()}
+    parts = [f"{v} {k}" if k.endswith("/s") else f"{k} {v}" for k, v in text.items()]
+    print("\r\033[K" * sys.stderr.isatty() + " | ".join([f"step {step}", *parts]), flush=True)
 
-def progress(i, total, t_start, note=""):  # a one-line bar with elapsed<remaining time, on terminals only
-    if sys.stderr.isatty() and (i % max(1, total // 500) == 0 or i == total):
-        frac, elapsed = i / max(total, 1), time.time() - t_start
-        clock = lambda seconds: f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"  # 125 -> '2m05s'
-        left = clock(elapsed / frac * (1 - frac) if frac > 0 else 0)
-        sys.stderr.write(f"\r[{'#' * int(30 * frac):<30}] {i}/{total} {clock(elapsed)}<{left} {note}\033[K"
-                         + ("\n" if i == total else ""))
 
-def save_image_grid(images, path, nrow=8, pad=2):  # (N, C, H, W) in [0, 1], C = 1 or 3 -> one PNG
-    import matplotlib.image
-    s = max(1, 32 // images.shape[-1])  # nearest-neighbour enlargement: an 8x8 digit is drawn 32x32
+def progress(i, total, t_start, note=""):  # '[####    ] 120/300 41s<62s note', on terminals only
+    if sys.stderr.isatty() and (i % max(1, total // 200) == 0 or i == total):
+        spent, bar = time.time() - t_start, "#" * (30 * i // max(total, 1))
+        left, end = spent * (total - i) / max(i, 1), "\n" if i == total else ""
+        sys.stderr.write(f"\r[{bar:<30}] {i}/{total} {spent:.0f}s<{left:.0f}s {note}\033[K{end}")
+
+
+def save_image_grid(images, path, nrow=8):  # (N, C, H, W) in [0, 1], C = 1 or 3 -> one PNG
+    s = max(1, 32 // images.shape[-1])  # nearest-neighbour enlargement: 8x8 is drawn 32x32
     x = images.detach().float().cpu().clamp(0, 1).repeat_interleave(s, -1).repeat_interleave(s, -2)
-    x = torch.nn.functional.pad(x, (pad, 0, pad, 0), value=1.0)  # white gap left of and above each image
+    x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=1.0)  # a white frame around each image
     (n, c, h, w), cols = x.shape, min(nrow, len(x))
-    x = torch.cat([x, torch.ones(-n % cols, c, h, w)]).view(-1, cols, c, h, w).permute(2, 0, 3, 1, 4)
-    grid = torch.nn.functional.pad(x.reshape(c, -1, cols * w), (0, pad, 0, pad), value=1.0)  # (C, H, W)
+    x = torch.cat([x, torch.ones(-n % cols, c, h, w)]).view(-1, cols, c, h, w)
+    grid = x.permute(0, 3, 1, 4, 2).reshape(-1, cols * w, c).numpy()  # (rows * h, cols * w, C)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image = grid[0] if c == 1 else grid.permute(1, 2, 0)  # (H, W) or (H, W, 3)
-    matplotlib.image.imsave(path, image.numpy(), cmap="gray", vmin=0, vmax=1)
+    matplotlib.image.imsave(path, grid[..., 0] if c == 1 else grid, cmap="gray", vmin=0, vmax=1)
 
-def load_numbered(filename):
-    """Import a sibling such as '03_mdsm_train.py' without running its main() (a name starting with a
-    digit cannot be imported with `import`); every caller shares one module object."""
-    import importlib.util
-    name = os.path.splitext(filename)[0]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), filename))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+
 # ==== end of shared helpers ====
 
 
