@@ -1,4 +1,4 @@
-"""Seed control for 05's strong-generalization test (by hand, not a pytest test: it needs two 33-minute runs).
+"""Seed control for 05's strong-generalization test (by hand, not a pytest test: it needs two full runs).
 
 --strong_gen trains, per N, model A on training images 0 ... N-1 and model B on N ... 2N-1, and reports the RMS
 difference of their log p on A's images. Part of that difference is only the spread between two trainings, which
@@ -14,6 +14,7 @@ A vs B well above A vs A' would be memorization; the two equal, only training no
         ... --seed=1 --out_dir=out/05_sg_seed1
     python tests/check_05_seed_control.py --runs=out/05_sg,out/05_sg_seed1 --sizes=10,1000,10000 --image_size=16
 """
+
 import argparse
 import math
 import os
@@ -21,7 +22,8 @@ import types
 
 import torch
 
-from check_05_gaussian import load  # a numbered file as a module (this folder is on sys.path when run)
+# a numbered file as a module (this folder is on sys.path when run)
+from check_05_gaussian import load
 
 
 def main():
@@ -33,25 +35,35 @@ def main():
     parser.add_argument("--image_size", type=int, default=16)
     args = parser.parse_args()
     dual, mdsm = load("05_dual_score.py"), load("03_mdsm_train.py")
-    cfg = types.SimpleNamespace(DATASET=args.dataset, DATA_DIR=args.data_dir, IMAGE_SIZE=args.image_size)
-    x_train = dual.load_split(mdsm, cfg, "train")
+    cfg = types.SimpleNamespace(
+        DATASET=args.dataset, DATA_DIR=args.data_dir, IMAGE_SIZE=args.image_size
+    )
+    x_train = dual.load_split(cfg, "train")
     name = args.dataset + (str(args.image_size) if args.image_size else "")
     runs = args.runs.split(",")
     for n in (int(s) for s in args.sizes.split(",")):
-        x_eval, db = x_train[:min(n, 500)], {}  # as --strong_gen: A's first (up to) 500 images
+        x_eval, db = x_train[: min(n, 500)], {}  # as --strong_gen: A's first (up to) 500 images
         for r, run in enumerate(runs):
             for half in "AB":
-                ckpt = mdsm.load_checkpoint(os.path.join(run, f"{name}_N{n}{half}.pt"), kind="dual-score")
-                model = dual.ScoreUNet(**ckpt["model_args"])
+                path = os.path.join(run, f"{name}_N{n}{half}.pt")
+                ckpt = mdsm.load_checkpoint(path, kind="dual-score")
+                model = dual.ScoreUNet(**ckpt["model_args"])  # the design it was trained with
                 model.load_state_dict(ckpt["model"])
-                bpd = dual.image_density(model.eval(), x_eval, ckpt["config"]["T_MIN"], ckpt["config"]["T_MAX"], 1,
-                                         torch.Generator().manual_seed(1))["deq"]
-                db[half + "'" * r] = -10 * math.log10(2) * (bpd - 8)  # log p in dB/dim, as --strong_gen
-        rms = {pair: (db[pair[0]] - db[pair[1]]).pow(2).mean().sqrt().item()
-               for pair in (("A", "B"), ("A'", "B'"), ("A", "A'"), ("B", "B'"))}
-        print(f"N = {n} ({len(x_eval)} images of A's half), RMS difference of log p in dB/dim: "
-              + ", ".join(f"{a} vs {b} {v:.3f}" for (a, b), v in rms.items())
-              + "; mean log p " + ", ".join(f"{k} {v.mean():.2f}" for k, v in db.items()), flush=True)
+                t_min, t_max = ckpt["config"]["T_MIN"], ckpt["config"]["T_MAX"]
+                gen = torch.Generator().manual_seed(1)
+                bpd = dual.image_density(model.eval(), x_eval, t_min, t_max, 1, gen)["deq"]
+                db[half + "'" * r] = -10 * math.log10(2) * (bpd - 8)  # dB/dim, as --strong_gen
+        rms = {
+            pair: (db[pair[0]] - db[pair[1]]).pow(2).mean().sqrt().item()
+            for pair in (("A", "B"), ("A'", "B'"), ("A", "A'"), ("B", "B'"))
+        }
+        print(
+            f"N = {n} ({len(x_eval)} images of A's half), RMS difference of log p in dB/dim: "
+            + ", ".join(f"{a} vs {b} {v:.3f}" for (a, b), v in rms.items())
+            + "; mean log p "
+            + ", ".join(f"{k} {v.mean():.2f}" for k, v in db.items()),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
