@@ -644,7 +644,7 @@ def parse_config(namespace, argv=None):  # --key=value overrides of the UPPER_CA
         except (KeyError, ValueError):
             ok = False
         if not ok:
-            raise SystemExit(f"error: {arg}: not a valid {kind.__name__} (finite; ints whole)")
+            raise SystemExit(f"error: {arg}: not a valid {kind.__name__} (finite, below 2**62)")
         cfg[name] = kind(value)
     print("config: " + " ".join(f"{k.lower()}={v}" for k, v in cfg.items()), flush=True)
     return types.SimpleNamespace(**cfg)

@@ -18,11 +18,20 @@ explains why a chain must be annealed: plain Langevin cannot move mass between s
      Adams 2015) runs the same path from data, b = 1 -> 0, and errs high.
   3. Test bits/dim with log p(x) = -E(x)/T - log Z, uniformly dequantized, beside trivial
      baselines fitted to the training pixels.
+  4. How good the samples are. A small classifier trained on the labelled data judges them: the
+     share it is confident about (top p(y|x) >= 0.9), the total variation between its class
+     histogram and the training labels', IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016)
+     and the Frechet distance of its features,
+       FD = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)),
+     each beside real test images (the ceiling) and a Gaussian fitted to the pixels (the
+     baseline). IS and FID (Heusel et al. 2017) apply the same formulas to the Inception network.
 
 Run:  python 04_langevin_sampling.py    # CPU, seconds: the two lessons on a 2-D mixture
       python 04_langevin_sampling.py --ckpt=out/03_mdsm_train/ckpt.pt --n_samples=1000 --batch=1000
       python 04_langevin_sampling.py --ckpt=... --n_hot=100 --n_anneal=400 --n_cool=40   # CPU
       python 04_langevin_sampling.py --ckpt=... --ais --ais_chains=100 --ais_stages=1000
+      python 04_langevin_sampling.py --ckpt=... --n_samples=1000 --score   # labelled data
+      python 04_langevin_sampling.py --ckpt=... --fid   # IS and FID, pip install torch-fidelity
       python 04_langevin_sampling.py --help    # every knob and its meaning
 
 With no arguments, lesson 1 samples a 2-D mixture with weights 0.60/0.30/0.10: plain Langevin keeps
@@ -31,12 +40,15 @@ mixture's log Z = 0 by AIS, though no chain crosses between its modes.
 Expected (seed 0): mode weights 0.33/0.30/0.38 (plain) and 0.59/0.31/0.10 (annealed); log Z 0 +- 0.1.
 Output: out/04_langevin_sampling/04_langevin_sampling.png; with --ckpt, samples.png, samples.npz,
 test_images.png and nearest_*.png in a folder named after the checkpoint; --ais prints log Z and
-test bits/dim.
+test bits/dim; --score and --fid cache their judges' results in OUT_DIR.
 """
 
+import gzip
+import hashlib
 import importlib
 import math
 import os
+import pickle
 import sys
 import time
 import types
@@ -45,6 +57,8 @@ from functools import partial
 import matplotlib.image
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # ---- config: every knob can be overridden with --key=value (see --help) ----
 # -- sampling a checkpoint of 03 --
@@ -61,6 +75,14 @@ N_ANNEAL = 2000  # steps of geometric decay from T_MAX to 1
 N_COOL = 200  # steps of linear decay from 1 to 0
 DENOISE = True  # final one-step Tweedie denoise x - sigma0^2 grad E(x)
 N_REF = 1000  # at most this many train/test images and samples for the energy and distance checks
+# -- how good are the samples (with --ckpt) --
+SAMPLES = ""  # an earlier run's samples.npz to check and score; empty = draw N_SAMPLES new ones
+SCORE = False  # classifier score of the samples, of real test images and of a Gaussian baseline
+SCORE_N = 1000  # images per classifier-score line, >= 2 (draws at least this many samples)
+CLASSIFIER_EPOCHS = 3  # epochs of the scoring classifier (trained once, cached in OUT_DIR)
+FID = False  # IS and FID on torch-fidelity's Inception network (pip install torch-fidelity)
+FID_N = 50000  # samples for IS and FID, >= 2 (the paper's 50000; fewer bias FID upwards)
+FID_WEIGHTS = ""  # torch-fidelity's Inception weights file; empty = torch hub's checkpoints folder
 # -- AIS: log Z and test bits/dim of a checkpoint --
 AIS = False  # with --ckpt: estimate log Z and test bits/dim instead of sampling
 TEMPERATURE = 1.0  # T of the density exp(-E/T) whose log Z is estimated (paper: 1)
@@ -294,6 +316,252 @@ def baseline_bits_per_dim(train_uint8, test_uint8, generator=None):
     }
 
 
+# ---- how good are the samples: a classifier score for labelled data, and IS and FID ----
+# A judge network maps an image to class probabilities p(y|x) and to features. Its numbers for N
+# samples are printed beside those of N real test images (the ceiling) and of N draws of a Gaussian
+# fitted to the training pixels (the trivial baseline). IS and FID apply the same two formulas to
+# the Inception network of the original IS and FID code (torch-fidelity's copy of its weights).
+PAPER_IS_FID = (8.31, 31.7)  # MDSM on CIFAR-10, 50,000 samples (arXiv 1910.07762, Table 1)
+
+
+class ScoreClassifier(nn.Module):
+    """(B, C, H, W) uint8 -> logits (B, K); features() -> (B, 128), the layer before the logits."""
+
+    def __init__(self, in_channels=1, n_classes=10, width=32):
+        super().__init__()
+        self.model_args = dict(in_channels=in_channels, n_classes=n_classes, width=width)
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # H/2
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # H/4
+            nn.AdaptiveAvgPool2d(4),  # (B, 2 width, 4, 4) for any side >= 4
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, 128),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(128, n_classes)
+
+    def features(self, x):
+        return self.trunk(x.float() / 255)  # pixels in [0, 1], as 03 trains on them
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(
+    x_train, y_train, n_classes, epochs=3, batch=128, lr=2e-3, seed=0, device="cpu"
+):
+    """Cross-entropy, Adam, learning rate decayed linearly to 0. x_train: uint8 (N, C, H, W)."""
+    torch.manual_seed(seed)  # the initial weights
+    model = ScoreClassifier(x_train.shape[1], n_classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)  # the batch order
+    per_epoch = max(1, len(x_train) // batch)
+    steps = epochs * per_epoch
+    t_start = time.time()
+    for step in range(steps):
+        b = step % per_epoch
+        if b == 0:  # a new epoch: a new order
+            order = torch.randperm(len(x_train), generator=g)
+        idx = order[b * batch : (b + 1) * batch]
+        logits = model(x_train[idx].to(device))  # (B, K)
+        # -log p(y|x), averaged over the batch
+        loss = F.cross_entropy(logits, y_train[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+        opt.step()
+        progress(step + 1, steps, t_start, "classifier steps")
+    return model.eval()
+
+
+def classifier_outputs(model, x, batch=1000):
+    """p(y|x) (N, K) and penultimate features (N, 128), float64 on the CPU, for uint8 images x."""
+    device = next(model.parameters()).device
+    probs = []
+    feats = []
+    with torch.no_grad():
+        for chunk in x.split(batch):
+            h = model.features(chunk.to(device))
+            probs.append(model.head(h).softmax(1).double().cpu())
+            feats.append(h.double().cpu())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def fit_gaussian(x, chunk=4096):
+    """Mean (D,) and covariance (D, D) of the rows of x (N, D), accumulated in float64 by chunks."""
+    mean = sum(c.double().sum(0) for c in x.split(chunk)) / len(x)
+    # cov = sum_i (x_i - mean)(x_i - mean)^T / (N - 1)
+    scatter = sum((c.double() - mean).T @ (c.double() - mean) for c in x.split(chunk))
+    return mean, scatter / (len(x) - 1)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """Frechet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2), in float64. FD of
+    the classifier's features here, FID of Inception features below: one formula."""
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(v).double() for v in (mu1, cov1, mu2, cov2))
+    w, v = torch.linalg.eigh(cov1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # cov1^(1/2); round-off negatives clamped to 0
+    # (cov1 cov2)^(1/2) is not symmetric, but cov1^(1/2) cov2 cov1^(1/2) is (PSD) with the same
+    # eigenvalues, so tr((cov1 cov2)^(1/2)) = sum_i sqrt(lambda_i) of that symmetric matrix
+    m = root1 @ cov2 @ root1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    # FD = ||mu1 - mu2||^2 + tr(cov1) + tr(cov2) - 2 tr((cov1 cov2)^(1/2))
+    return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * tr_covmean).item()
+
+
+def inception_score(probs):
+    """exp(E_x KL(p(y|x) || p(y))), p(y) = E_x p(y|x): 1 (no information) to K (sure, balanced)."""
+    p = torch.as_tensor(probs).double()  # (N, K)
+    p_y = p.mean(0)  # (K,)
+    # KL(p(y|x) || p(y)) = sum_y p(y|x) (log p(y|x) - log p(y)), with 0 log 0 = 0
+    kl = (torch.xlogy(p, p) - torch.xlogy(p, p_y)).sum(1)  # (N,)
+    return kl.mean().exp().item()
+
+
+def split_inception_score(logits, splits=10):
+    """IS as the IS paper reports it: mean and std over `splits` equal parts of the images, taken
+    in torch-fidelity's fixed shuffled order (so the numbers equal its calculate_metrics')."""
+    order = torch.from_numpy(np.random.RandomState(2020).permutation(len(logits)))
+    p = logits[order].double().softmax(1)  # p(y|x), (N, K)
+    n = len(p)
+    scores = []
+    for i in range(splits):
+        scores.append(inception_score(p[i * n // splits : (i + 1) * n // splits]))
+    scores = torch.tensor(scores, dtype=torch.float64)
+    return scores.mean().item(), scores.std(correction=0).item()
+
+
+def confident_share(probs, threshold=0.9):
+    """Share of images whose top class has p(y|x) >= threshold."""
+    return (probs.max(1).values >= threshold).double().mean().item()
+
+
+def class_total_variation(probs, label_hist):
+    """TV = 1/2 sum_y |h(y) - h_train(y)|, h = histogram of the predicted classes argmax p(y|x)."""
+    h = torch.bincount(probs.argmax(1), minlength=len(label_hist)).double() / len(probs)
+    return 0.5 * (h - label_hist).abs().sum().item()
+
+
+def classifier_score(model, x, label_hist, ref_mean, ref_cov):
+    """The four numbers of the score line for uint8 images x (N, C, H, W)."""
+    probs, feats = classifier_outputs(model, x)
+    mean, cov = fit_gaussian(feats)
+    return {
+        "confident": confident_share(probs, 0.9),
+        "class TV": class_total_variation(probs, label_hist),
+        "IS": inception_score(probs),
+        "FD": frechet_distance(mean, cov, ref_mean, ref_cov),  # against the test images' features
+        "n": len(x),
+    }
+
+
+def score_line(s, label):
+    return (
+        f"classifier score: confident {s['confident']:.2f} | class TV {s['class TV']:.2f} | "
+        f"IS {s['IS']:.2f} | FD {s['FD']:.2f} | n {s['n']} | {label}"
+    )
+
+
+def gaussian_pixel_draws(x_train, n, generator=None):
+    """n draws of N(mean, cov) fitted to the training pixels (full covariance), rounded to uint8."""
+    mean, cov = fit_gaussian(x_train.flatten(1))  # (D,), (D, D) in grey levels 0..255
+    w, v = torch.linalg.eigh(cov)  # not Cholesky: always-black border pixels make cov singular
+    root = v * w.clamp(min=0).sqrt()  # cov = root root^T
+    z = torch.randn(n, len(mean), generator=generator, dtype=torch.float64)
+    x = mean + z @ root.T  # x = mean + root z,  z ~ N(0, I)
+    return x.clamp(0, 255).round().to(torch.uint8).view(n, *x_train.shape[1:])
+
+
+def sample_scores(classifier, samples, train, test, labels, n, seed=0):
+    """The score line for the first n samples, n real test images (the ceiling) and n draws of a
+    Gaussian fitted to the training pixels (the baseline); returns {label: scores}. Images are
+    uint8 (N, C, H, W), labels = (y_train, y_test). FD is measured against one half of the test
+    split and the real images come from the other half, so their FD is the sampling noise at n."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(test), generator=g)
+    reference, real = test[order[: len(order) // 2]], test[order[len(order) // 2 :]]
+    y_train = labels[0]
+    k = classifier.head.out_features
+    label_hist = torch.bincount(y_train, minlength=k).double() / len(y_train)  # (K,)
+    ref_mean, ref_cov = fit_gaussian(classifier_outputs(classifier, reference)[1])
+    images = {
+        "samples": samples[:n],
+        "real test images (ceiling)": real[:n],
+        "Gaussian fit to the training pixels (baseline)": gaussian_pixel_draws(train, n, g),
+    }
+    scores = {}
+    for label, x in images.items():
+        scores[label] = classifier_score(classifier, x, label_hist, ref_mean, ref_cov)
+        print(score_line(scores[label], label), flush=True)
+    return scores
+
+
+def inception_outputs(inception, x, batch=100):
+    """torch-fidelity's Inception on uint8 images (N, C, H, W), grey repeated as R, G, B (it
+    resizes them to 299x299 itself): FID's features (N, 2048) and IS's logits (N, 1008), float32
+    on the CPU."""
+    device = next(inception.parameters()).device
+    feats = []
+    logits = []
+    with torch.no_grad():
+        for chunk in x.split(batch):
+            f, logit = inception(rgb_uint8(chunk).to(device))
+            feats.append(f.cpu())
+            logits.append(logit.cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def inception_references(inception, train, test, n, seed=0):
+    """What the samples' IS and FID are compared with: the Gaussian of the training images'
+    Inception features (FID's reference), the IS of n random training images (the ceiling) and
+    the FID of the whole test split against the training split (the floor)."""
+    feats, logits = inception_outputs(inception, train)
+    train_gaussian = fit_gaussian(feats)
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randperm(len(train), generator=g)[:n]
+    test_gaussian = fit_gaussian(inception_outputs(inception, test)[0])
+    return {
+        "train": train_gaussian,
+        "n train": len(train),
+        "real IS": split_inception_score(logits[real], min(10, len(real))),
+        "n real": len(real),
+        "test FID": frechet_distance(*test_gaussian, *train_gaussian),
+        "n test": len(test),
+    }
+
+
+def fidelity_scores(inception, samples, refs):
+    """IS of the samples and their FID against the training images, printed beside the
+    references and the paper's numbers."""
+    t_start = time.time()
+    n = len(samples)
+    feats, logits = inception_outputs(inception, samples)
+    is_mean, is_std = split_inception_score(logits, min(10, n))
+    # FID = the Frechet distance between Gaussians fitted to the Inception features
+    fid = frechet_distance(*fit_gaussian(feats), *refs["train"])
+    real_mean, real_std = refs["real IS"]
+    print(
+        f"IS and FID (torch-fidelity's Inception): IS {is_mean:.2f} +- {is_std:.2f} | FID "
+        f"{fid:.2f} | n {n} samples vs {refs['n train']} training images "
+        f"[{time.time() - t_start:.0f} s]"
+    )
+    print(
+        f"  real training images: IS {real_mean:.2f} +- {real_std:.2f} (n {refs['n real']}, the "
+        f"ceiling) | test split vs training split: FID {refs['test FID']:.2f} (n {refs['n test']}, "
+        "the floor)"
+    )
+    print(f"  paper (MDSM on CIFAR-10, n 50000): IS {PAPER_IS_FID[0]} | FID {PAPER_IS_FID[1]}")
+    if n < 50_000:
+        print(f"  note: n {n} < 50000: FID is biased upwards at small n; compare only at equal n")
+    return {"IS": is_mean, "IS std": is_std, "FID": fid}
+
+
 # ---- lessons 1 and 2: a 2-D mixture whose noisy densities and log Z are known exactly ----
 TOY_MEANS = torch.tensor([[0.2, 0.2], [0.8, 0.25], [0.5, 0.8]])  # (K, 2), inside [0, 1]^2
 TOY_WEIGHTS = torch.tensor([0.6, 0.3, 0.1])  # (K,), unequal on purpose
@@ -436,20 +704,26 @@ def nearest_distances(queries, train, k):
     return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
 
-def sample_checkpoint(cfg, model, ckpt, train, test, out):
-    """Samples, then the paper's checks: do they sit at the energies of real images (Appendix F),
-    and how far are they from their nearest training image (Appendix C)?"""
+def sample_checkpoint(cfg, model, ckpt, train, test, out, samples=None, labels=None):
+    """Samples (or the given ones), then the paper's checks: do they sit at the energies of real
+    images (Appendix F), and how far are they from their nearest training image (Appendix C)?
+    Then, if asked, how good they are: the classifier score and IS/FID."""
     shape = tuple(train.shape[1:])
     sigma0 = checkpoint_sigma0(ckpt)
     n_steps = cfg.N_HOT + cfg.N_ANNEAL + cfg.N_COOL
+    how = (
+        f"schedule {n_steps} steps (hot {cfg.N_HOT} at T={cfg.T_MAX:g}, anneal {cfg.N_ANNEAL}, cool "
+        f"{cfg.N_COOL}), step size {cfg.STEP_SIZE}, {cfg.N_SAMPLES} samples in chunks of {cfg.BATCH}"
+    )
+    if samples is not None:  # --samples: an earlier run's samples, checked and scored again
+        how = f"{len(samples)} samples read from {cfg.SAMPLES}"
     print(
         f"model: EnergyNet({ckpt['model_args']}) from {cfg.CKPT} (step {ckpt.get('step')}), sigma0 "
-        f"{sigma0}; schedule {n_steps} steps (hot {cfg.N_HOT} at T={cfg.T_MAX:g}, anneal "
-        f"{cfg.N_ANNEAL}, cool {cfg.N_COOL}), step size {cfg.STEP_SIZE}, {cfg.N_SAMPLES} samples "
-        f"in chunks of {cfg.BATCH}"
+        f"{sigma0}; {how}"
     )
-    x = generate(model, shape, sigma0, cfg)
-    x_uint8 = save_samples(x, out)
+    if samples is None:
+        samples = save_samples(generate(model, shape, sigma0, cfg), out)
+    x_uint8 = samples  # (N, C, H, W) uint8
     g = torch.Generator().manual_seed(cfg.SEED)
     images = {
         "train": train[torch.randperm(len(train), generator=g)[: cfg.N_REF]],
@@ -472,6 +746,14 @@ def sample_checkpoint(cfg, model, ckpt, train, test, out):
         f"{median['test']:.4f}; saved test_images.png (real test images), nearest_samples.png "
         f"(Appendix C), nearest_test.png"
     )
+    device = next(model.parameters()).device
+    if cfg.SCORE:
+        classifier = load_or_train_classifier(cfg, ckpt, train, test, labels, device)
+        sample_scores(classifier, x_uint8, train, test, labels, cfg.SCORE_N, cfg.SEED)
+    if cfg.FID:
+        inception = inception_network(cfg.FID_WEIGHTS, device)
+        refs = cached_inception_references(cfg, inception, train, test)
+        fidelity_scores(inception, x_uint8[: cfg.FID_N], refs)
 
 
 def likelihood(cfg, model, ckpt, train, test):
@@ -528,6 +810,8 @@ def main(argv=None):
     torch.manual_seed(cfg.SEED)
     out = output_folder(cfg)  # e.g. out/04_langevin_sampling/03_mdsm_train_ckpt
     check_writable(out)
+    if cfg.FID:  # torch-fidelity and its Inception weights are there, before any sampling
+        cfg.FID_WEIGHTS = check_fidelity_available(cfg.FID_WEIGHTS)
     if not cfg.CKPT:
         check_toy_fits(cfg)
         torch.set_num_threads(1)  # (n, 2) tensors: thread hand-offs would cost more than they save
@@ -536,11 +820,17 @@ def main(argv=None):
     train, test = reference_images(cfg, ckpt, model_shape(ckpt))  # checked before any sampling
     if cfg.AIS:
         test = test[: cfg.N_TEST or len(test)]
+    samples = read_samples(cfg.SAMPLES, train.shape[1:]) if cfg.SAMPLES else None
+    labels = score_labels(cfg, ckpt, train, test) if cfg.SCORE else None
+    needed = max(cfg.SCORE_N * cfg.SCORE, cfg.FID_N * cfg.FID)
+    if samples is None and needed > cfg.N_SAMPLES:  # draw as many samples as the scores judge
+        print(f"note: --n_samples={cfg.N_SAMPLES} raised to {needed} for --score_n / --fid_n")
+        cfg.N_SAMPLES = needed
     check_fits(cfg, model, train, test)
     try:
         if cfg.AIS:
             return likelihood(cfg, model, ckpt, train, test)
-        return sample_checkpoint(cfg, model, ckpt, train, test, out)
+        return sample_checkpoint(cfg, model, ckpt, train, test, out, samples, labels)
     except torch.cuda.OutOfMemoryError:
         knob = "--ais_chains" if cfg.AIS else "--batch"
         raise SystemExit(f"error: out of GPU memory; use a smaller {knob}") from None
@@ -563,6 +853,9 @@ def check_config(cfg):
     for knob in ("TOY_STD", "TOY_SIGMA0"):
         rules[knob] = (0 < getattr(cfg, knob) <= 1, "(0, 1]")
     rules["REF_STD"] = (0 < cfg.REF_STD <= 100, "(0, 100]")
+    for knob in ("SCORE_N", "FID_N"):
+        rules[knob] = (getattr(cfg, knob) >= 2, ">= 2 (a covariance needs two images)")
+    rules["CLASSIFIER_EPOCHS"] = (cfg.CLASSIFIER_EPOCHS >= 1, ">= 1")
     schedules = ("sigmoid", "geometric", "linear")
     rules["BETA_SCHEDULE"] = (cfg.BETA_SCHEDULE in schedules, "sigmoid, geometric or linear")
     for knob, (ok, allowed) in rules.items():
@@ -574,6 +867,11 @@ def check_config(cfg):
         raise SystemExit(
             "error: --n_hot + --n_anneal + --n_cool = 0 Langevin steps; allowed: at least 1"
         )
+    for flag, on in (("--score", cfg.SCORE), ("--fid", cfg.FID), ("--samples", cfg.SAMPLES != "")):
+        if on and not cfg.CKPT:
+            raise SystemExit(f"error: {flag} judges a model's samples; pass --ckpt=... (from 03)")
+        if on and cfg.AIS:
+            raise SystemExit(f"error: {flag} judges samples, and --ais draws none; run them apart")
     if not cfg.CKPT and cfg.AIS_CHAINS > cfg.TOY_SAMPLES:
         raise SystemExit(
             f"error: --ais_chains={cfg.AIS_CHAINS} is more than --toy_samples={cfg.TOY_SAMPLES}: "
@@ -638,8 +936,7 @@ def reference_images(cfg, ckpt, shape):
     """The model's data set (or --dataset) at the model's size, both splits as uint8 (N, C, H, W),
     checked against the model's channels and size before any sampling."""
     config = ckpt["config"]
-    dataset = cfg.DATASET or config.get("DATASET", "")
-    data_dir = cfg.DATA_DIR or config.get("DATA_DIR", "data")
+    dataset, data_dir = data_source(cfg, ckpt)
     size = int(config.get("IMAGE_SIZE", 0))
     splits = [mdsm.load_images(dataset, data_dir, split, size) for split in ("train", "test")]
     for split, x in zip(("train", "test"), splits):
@@ -658,6 +955,272 @@ def reference_images(cfg, ckpt, shape):
 
 def fmt_shape(shape):  # (1, 16, 24) -> '1-channel 16x24'
     return f"{shape[0]}-channel {shape[1]}x{shape[2]}"
+
+
+def data_source(cfg, ckpt):
+    """(dataset, data_dir): the knobs, or else the checkpoint's own."""
+    config = ckpt["config"]
+    return cfg.DATASET or config.get("DATASET", ""), cfg.DATA_DIR or config.get("DATA_DIR", "data")
+
+
+LABEL_MD5 = {  # the official IDX label files, checked when downloaded (beside 03's IDX_FILES)
+    "mnist": {
+        "train": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion-mnist": {
+        "train": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+}
+
+
+def read_idx_labels(data_dir, name, split):
+    """The IDX label file (magic 2049) beside 03's image file: int64 (N,), fetched like 03's."""
+    part = "train" if split == "train" else "t10k"
+    path = os.path.join(data_dir, name, f"{part}-labels-idx1-ubyte.gz")
+    if not os.path.exists(
+        path
+    ):  # 03's fetch: every mirror, then an MD5 check; one line if it fails
+        mirrors = mdsm.IDX_FILES[name][0]
+        mdsm.fetch([m + os.path.basename(path) for m in mirrors], path, LABEL_MD5[name][part])
+    try:
+        raw = gzip.open(path).read()
+        magic, n = np.frombuffer(raw[:8], ">u4")  # header: magic 2049, count; then a byte per label
+        if magic != 2049 or len(raw) != 8 + n:
+            raise ValueError
+    except (OSError, ValueError, EOFError):
+        raise SystemExit(
+            f"error: {path} is not an IDX label file (corrupt or incomplete). Delete it, run again"
+        ) from None
+    return np.frombuffer(raw, np.uint8, offset=8).astype(np.int64)
+
+
+def read_cifar10_labels(data_dir, split):
+    """b'labels' of CIFAR-10's python batches in 03's order (data_batch_1..5 | test_batch): (N,)."""
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    labels = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                labels.append(np.asarray(pickle.load(f, encoding="bytes")[b"labels"], np.int64))
+        except (OSError, KeyError, pickle.UnpicklingError, EOFError) as e:
+            raise SystemExit(
+                f"error: {path} holds no CIFAR-10 labels ({type(e).__name__}); delete {folder} "
+                f"and run again to re-extract cifar-10-python.tar.gz"
+            ) from None
+    return np.concatenate(labels)
+
+
+def read_array_labels(path, split):
+    """y_train / y_test of a user's .npz (beside 03's x_train / x_test): integer classes (N,)."""
+    key = "y_train" if split == "train" else "y_test"
+    try:
+        data = np.load(path)
+        found = list(data.files) if hasattr(data, "files") else ["one unnamed array"]
+        y = data[key] if key in found else None
+    except Exception as e:  # missing, not a NumPy file, truncated: say which
+        raise SystemExit(f"error: --dataset={path} is not readable ({type(e).__name__})") from None
+    if y is None:
+        raise SystemExit(
+            f"error: {path} has no {key} array (found: {', '.join(found)}); the classifier score "
+            f"needs labels: np.savez(path, x_train=x, y_train=y, x_test=x2, y_test=y2)"
+        )
+    if y.dtype.kind not in "iu" or y.size != len(y) or y.min() < 0:
+        raise SystemExit(
+            f"error: {path}: {key} is {y.dtype} {y.shape}; expected classes 0..K-1, one per image"
+        )
+    return y.reshape(-1).astype(np.int64)
+
+
+def load_labels(dataset, data_dir, split):
+    """Labels of the split that 03's load_images(dataset, data_dir, split) returns: int64 (N,)."""
+    if dataset == "cifar10":
+        return torch.from_numpy(read_cifar10_labels(data_dir, split))
+    if dataset in mdsm.IDX_FILES:
+        return torch.from_numpy(read_idx_labels(data_dir, dataset, split))
+    return torch.from_numpy(read_array_labels(dataset, split))
+
+
+def score_labels(cfg, ckpt, train, test):
+    """(y_train, y_test) for --score, read and matched to the images before any sampling."""
+    dataset, data_dir = data_source(cfg, ckpt)
+    labels = (load_labels(dataset, data_dir, "train"), load_labels(dataset, data_dir, "test"))
+    for split, x, y in zip(("train", "test"), (train, test), labels):
+        if len(x) != len(y):
+            raise SystemExit(
+                f"error: --dataset={dataset}: {len(x)} {split} images but {len(y)} labels"
+            )
+    if len(test) < 4:  # FD needs two halves of at least two images
+        raise SystemExit(f"error: --score: {dataset} has {len(test)} test images; at least 4")
+    return labels
+
+
+def data_fingerprint(*arrays):
+    """The first 12 hex digits of the SHA-256 of the arrays' bytes: names that change with data."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(torch.as_tensor(a).numpy()).tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_cache(path, key, what):
+    """The dict saved at path if its key matches, else None (saying why when a file was there)."""
+    if not os.path.exists(path):
+        return None
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    if cached.get("key") == key:
+        return cached
+    stale = {k: v for k, v in cached.get("key", {}).items() if key.get(k) != v}
+    print(f"{what}: {path} is stale (made for {stale}); computing it again")
+    return None
+
+
+def save_cache(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: never half a file
+
+
+def load_or_train_classifier(cfg, ckpt, train, test, labels, device):
+    """The judge from OUT_DIR/classifier_<dataset>_<H>x<W>.pt if it was made from these images,
+    labels and settings, else trained and saved there. Prints its test accuracy either way."""
+    dataset = data_source(cfg, ckpt)[0]
+    key = {
+        "dataset": os.path.basename(dataset),
+        "image_size": "x".join(map(str, train.shape[2:])),
+        "channels": train.shape[1],
+        "n_train": len(train),
+        "data_sha256": data_fingerprint(train, labels[0], test, labels[1]),
+        "epochs": cfg.CLASSIFIER_EPOCHS,
+        "seed": cfg.SEED,
+        "classifier": "ScoreClassifier(width=32)",
+    }
+    slug = os.path.splitext(key["dataset"])[0]
+    path = os.path.join(cfg.OUT_DIR, f"classifier_{slug}_{key['image_size']}.pt")
+    cached = load_cache(path, key, "classifier")
+    if cached is None:
+        t_start = time.time()
+        n_classes = int(max(labels[0].max(), labels[1].max())) + 1
+        model = train_classifier(
+            train, labels[0], n_classes, cfg.CLASSIFIER_EPOCHS, seed=cfg.SEED, device=device
+        )
+        seconds = time.time() - t_start
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        save_cache({"key": key, "model_args": model.model_args, "model": state}, path)
+        how = f"trained {cfg.CLASSIFIER_EPOCHS} epochs on {len(train)} images in {seconds:.0f} s"
+        how = f"{how}, saved {path}"
+    else:
+        model = ScoreClassifier(**cached["model_args"]).to(device)
+        model.load_state_dict(cached["model"])
+        how = f"loaded {path}"
+    model.eval()
+    accuracy = (classifier_outputs(model, test)[0].argmax(1) == labels[1]).double().mean().item()
+    print(f"classifier: {how}; test accuracy {accuracy:.4f} ({len(test)} test images)", flush=True)
+    return model
+
+
+def check_fidelity_available(weights_path=""):
+    """Before any sampling: torch-fidelity imports and its Inception weights file is on disk
+    (downloaded once where there is a network). Returns the weights' path, or stops with one line
+    that names the fix."""
+    try:
+        import torch_fidelity.feature_extractor_inceptionv3 as inception  # an optional install
+    except Exception as e:  # not installed (ImportError), or a torchvision built for another torch
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise SystemExit(
+            f"error: --fid needs torch-fidelity, which does not import here ({reason}); "
+            f"pip install torch-fidelity (with a torchvision built for torch {torch.__version__})"
+        ) from None
+    url = inception.URL_INCEPTION_V3
+    name = os.path.basename(url)  # weights-inception-2015-12-05-6726825d.pth
+    path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    # torch hub's rule: the file name ends in the first 8 hex digits of its SHA-256
+    hash_prefix = name.rsplit("-", 1)[1].split(".")[0]
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=False)
+        except (OSError, RuntimeError) as e:  # offline (URLError), or a corrupt download
+            raise SystemExit(
+                f"error: --fid needs torch-fidelity's Inception weights at {path} and could not "
+                f"download them ({type(e).__name__}); copy {url} to that path, "
+                f"or pass --fid_weights=FILE"
+            ) from None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest = digest.hexdigest()
+    if not digest.startswith(hash_prefix):
+        raise SystemExit(
+            f"error: {path} is not {name} (SHA-256 {digest[:8]}..., expected {hash_prefix}...); "
+            f"delete it and copy {url} there"
+        )
+    return path
+
+
+def inception_network(weights_path, device):
+    """torch-fidelity's Inception v3 ('inception-v3-compat': the 2015-12-05 TensorFlow weights of
+    the IS and FID papers, TensorFlow 1.x's bilinear resize to 299x299), returning the 2048 pool
+    features (FID's layer) and the logits (IS's layer)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception  # checked before sampling
+
+    net = inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat",
+        ["2048", "logits_unbiased"],
+        feature_extractor_weights_path=weights_path,
+    )
+    return net.to(device).eval().requires_grad_(False)
+
+
+def rgb_uint8(x):
+    """torch-fidelity's input: uint8 (N, 3, H, W); grey images repeated over R, G and B."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def cached_inception_references(cfg, inception, train, test):
+    """inception_references, from OUT_DIR/inception_<data hash>_n<N>.pt when it was made from
+    these images with these settings: the training split is embedded once."""
+    n = min(cfg.FID_N, len(train))
+    key = {"data_sha256": data_fingerprint(train, test), "n": n, "seed": cfg.SEED}
+    path = os.path.join(cfg.OUT_DIR, f"inception_{key['data_sha256']}_n{n}.pt")
+    cached = load_cache(path, key, "inception references")
+    if cached is not None:
+        print(f"inception references: loaded {path}")
+        return cached["refs"]
+    t_start = time.time()
+    refs = inception_references(inception, train, test, n, cfg.SEED)
+    save_cache({"key": key, "refs": refs}, path)
+    print(
+        f"inception references: {len(train)} + {len(test)} images in "
+        f"{time.time() - t_start:.0f} s, saved {path}"
+    )
+    return refs
+
+
+def read_samples(path, shape):
+    """An earlier run's samples.npz (samples: uint8 (N, H, W, C)) as uint8 (N, C, H, W), checked
+    against the model's (C, H, W) before any work."""
+    try:
+        x = np.load(path)["samples"]
+    except Exception as e:  # missing, not a NumPy file, no 'samples' array: say which
+        raise SystemExit(
+            f"error: --samples={path} is not a samples.npz written by 04 ({type(e).__name__})"
+        ) from None
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) < 2:
+        raise SystemExit(
+            f"error: --samples={path} holds {x.dtype} {x.shape}; expected uint8 (N, H, W, C), N >= 2"
+        )
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise SystemExit(
+            f"error: --samples={path} holds {fmt_shape(x.shape[1:])} images, but the model makes "
+            f"{fmt_shape(shape)} images; pass the samples of this --ckpt"
+        )
+    return x
 
 
 def chain_bytes(model, shape):
@@ -797,7 +1360,7 @@ def parse_config(namespace, argv=None):  # --key=value overrides of the UPPER_CA
         except (KeyError, ValueError):
             ok = False
         if not ok:
-            raise SystemExit(f"error: {arg}: not a valid {kind.__name__} (finite; ints whole)")
+            raise SystemExit(f"error: {arg}: not a valid {kind.__name__} (finite, below 2**62)")
         cfg[name] = kind(value)
     print("config: " + " ".join(f"{k.lower()}={v}" for k, v in cfg.items()), flush=True)
     return types.SimpleNamespace(**cfg)
