@@ -2,10 +2,12 @@
 Guth, Kadkhodaie & Simoncelli, "Learning normalized image densities via dual score matching",
 arXiv 2506.05310. The default run is the toy of their Figure 1; the second command learns the
 density of 16x16 digits on a CPU; the third is the paper's ImageNet64 setting with their energy
-(64x64 images saved as x_train, x_test in an .npz; days on a GPU):
+(64x64 images saved as x_train, x_test in an .npz; days on a GPU); the fourth scores the shipped
+16x16 digits model by one pass and by the probability-flow ODE (part 3):
     python 05_dual_score.py
     python 05_dual_score.py --dataset=mnist --data_dir=data --image_size=16 --width=16 --lr=1e-3 --lr_halve_every=1500 --steps=4000 --eval_every=500
     python 05_dual_score.py --dataset=imagenet64.npz --width=64 --batch=128 --steps=1000000 --log_normalizer=false --sqrt_t_output=false --time_features=raw
+    python 05_dual_score.py --dataset=mnist --image_size=16 --width=16 --eval_only --ckpt=checkpoints/dual_score_mnist16.pt --ode --out_dir=out/05_shipped
 Expected from the first: RMS error of the normalized log p, dual 0.182 dB/dim, single 5.993.
 
 Time t is the noise VARIANCE: y = x + sqrt(t) z with z ~ N(0, I), and U(y, t) = -log p_t(y) in
@@ -27,6 +29,20 @@ Part 2 (images): U(y, t) = 0.5 <y, s(y, t)> with s the authors' bias-free UNet, 
 same two losses on dequantized images, and read as test bits/dim beside trivial baselines. Two
 additions, each a knob, are on by default: a learned log-normalizer d b(t) added to U, and the
 network's output divided by sqrt(t); with both off and --time_features=raw, U is the authors'.
+Part 3 (--ode): the same network's likelihood by the probability-flow ODE (Song et al. 2021,
+eq. 13, with sigma^2 = t). The heat equation d_t p = 1/2 Lap p is the continuity equation of
+    dy/dt = -1/2 grad_y log p_t(y) = +1/2 grad_y U(y, t),
+and along one path d/dt log p_t(y_t) = -1/2 Lap_y U(y_t, t) (Chen et al. 2018, thm. 1), so
+    log p_{t_min}(x) = log p_T(y(T)) + int_{t_min}^{T} 1/2 Lap_y U(y_t, t) dt,
+by RK4 in log t, Lap U by Hutchinson's estimator (probes fixed along the path) or the exact trace.
+On the same test images and the same dequantization draw it prints bits/dim by:
+  one pass      -(U(x, t_min) + c): the headline's estimator (one draw here), 1 forward pass;
+  ODE, -(U+c)   the ODE ending in -(U(y(T), T) + c), the one pass's own normalization at T. Then c
+                cancels: its log p minus the one pass's is the path integral of U's heat-equation
+                residual 1/2 Lap U - 1/2 ||grad U||^2 - d_t U, printed by ranges of t;
+  ODE, Gaussian the ODE ending in N(m, (s^2 + T) I), exactly normalized: the flow's own density
+                whatever c is (m, s^2: the training pixels' mean and variance).
+None is a bound; the ODE's solver error (Richardson) and probe standard error are printed with it.
 """
 
 import functools
@@ -73,10 +89,17 @@ T_MIN = 1e-9  # smallest noise variance (PSNR 90 dB), >= 1e-12; log p is read of
 T_MAX = 1e3  # largest noise variance (PSNR -30 dB), <= 1e6: the normalization point T
 N_TEST = 1000  # test images for the final evaluation
 N_DRAWS = 4  # dequantization draws per test image in the final evaluation
+ODE = False  # also score test images by the probability-flow ODE (part 3), beside the one pass
+ODE_IMAGES = 200  # test images the ODE scores: the first ones of the N_TEST
+ODE_STEPS = 32  # RK4 steps, equal in log t from T_MIN to T_MAX; even (Richardson halves it)
+ODE_PROBES = 2  # Hutchinson probes per image, fixed along the path, >= 2; 0 = exact trace (slow)
+ODE_PROBE = "rademacher"  # rademacher | gaussian: the probes' law (Rademacher: lower variance)
+ODE_CHECK = 2  # images for the checks (Hutchinson vs exact trace, RK4 error); 0 = none
 EVAL_EVERY = 0  # steps between points of the bits/dim curve (1 draw each); 0 = end only
 RESUME = False  # continue from OUT_DIR/<dataset><size>.pt (an error if there is none)
 CKPT_EVERY = 1000  # steps between checkpoints (one more at the end)
 EVAL_ONLY = False  # load that checkpoint and only evaluate
+CKPT = ""  # checkpoint for --eval_only; empty = OUT_DIR/<dataset><size>.pt
 STRONG_GEN = ""  # e.g. 10,100,1000: per N, two models on disjoint halves of 2N images, compared
 
 # 03 and 05 train on the same images: 03's data loaders and atomic checkpoints are reused.
@@ -454,6 +477,336 @@ def mass_conservation(model, x_uint8, cfg, device, n_levels=7):
     return rows
 
 
+# ============== part 3: the same network's likelihood by the probability-flow ODE ==============
+def energy_gradient(energy, y, t):
+    """grad_y U(y, t), kept differentiable in y (create_graph) for the divergence; y must require
+    grad (energy_and_scores detaches y, and the probes need the graph back to it). (B, ...)"""
+    with torch.enable_grad():
+        U = energy(y, t)  # (B,)
+        (grad_y,) = torch.autograd.grad(U.sum(), y, create_graph=True)
+    return grad_y
+
+
+def draw_probes(shape, n_probes, kind="rademacher", generator=None, dtype=torch.float32):
+    """n_probes vectors eps per image with E[eps] = 0, E[eps eps^T] = I: Rademacher (+-1 with
+    probability 1/2 each) or N(0, I). (K, B, ...)"""
+    if kind == "rademacher":
+        bits = torch.randint(0, 2, (n_probes, *shape), generator=generator)
+        return (2 * bits - 1).to(dtype)
+    if kind == "gaussian":
+        return torch.randn((n_probes, *shape), generator=generator, dtype=dtype)
+    raise ValueError(f"probe kind {kind!r}: use rademacher or gaussian")
+
+
+def quadratic_forms(grad_y, y, probes):
+    """eps^T J eps for each probe eps, J = d grad_y / d y (for grad_y = grad_y U, the Hessian of U):
+    one backward pass per probe, the vector-Jacobian product eps^T J.
+    grad_y (B, ...) with its graph to y, probes (K, B, ...) -> (B, K)."""
+    forms = []
+    for eps in probes:
+        (eps_J,) = torch.autograd.grad(grad_y, y, grad_outputs=eps, retain_graph=True)
+        forms.append((eps_J * eps).flatten(1).sum(1))
+    return torch.stack(forms, dim=1)
+
+
+def exact_trace(grad_y, y):
+    """tr J = sum_i e_i^T J e_i over the D basis vectors e_i: D backward passes. (B,)"""
+    D = y[0].numel()
+    trace = torch.zeros(len(y), dtype=grad_y.dtype, device=y.device)
+    for i in range(D):
+        e_i = torch.zeros_like(y).flatten(1)  # (B, D)
+        e_i[:, i] = 1
+        trace += quadratic_forms(grad_y, y, e_i.view(1, *y.shape))[:, 0]
+    return trace
+
+
+def flow_and_divergence(grad_U, y, t, probes):
+    """The ODE's right-hand side at (y, t): f = 1/2 grad_y U (B, ...) and div f = 1/2 Lap_y U,
+    one value per probe (B, K), or the exact one (B, 1) when probes is None."""
+    y = y.detach().requires_grad_()
+    with torch.enable_grad():
+        grad_y = grad_U(y, t)  # (B, ...), differentiable in y
+        # Lap U = tr H, H = d grad_y U / d y; E[eps^T H eps] = tr(H E[eps eps^T]) = tr H
+        if probes is None:
+            lap = exact_trace(grad_y, y)[:, None]
+        else:
+            lap = quadratic_forms(grad_y, y, probes)
+    # f = -1/2 grad log p_t = +1/2 grad U;  div f = 1/2 Lap U
+    return 0.5 * grad_y.detach(), 0.5 * lap.detach()
+
+
+def probability_flow_log_p(grad_U, log_p_T, x, t_min, T, steps, probes=None, energy=None):
+    """log p_{t_min}(x) by the probability-flow ODE, integrated from y(t_min) = x up to y(T).
+
+    grad_U(y, t) -> grad_y U (B, ...), differentiable in y; log_p_T(y) -> log p_T(y) (B,), the
+    density at T the path ends in; probes (K, B, ...), fixed along the whole path, or None for the
+    exact trace. Returns float64 (B,) log_p (the mean over probes), se (its standard error across
+    the K probes; 0 for the exact trace), log_p_T and integral; y_T (B, ...); t_grid (steps + 1,),
+    each step's share of the integral (B, steps) and, with energy(y, t) -> U (B,) given (one more
+    forward pass per grid point), U along the path at the grid points (B, steps + 1)."""
+    B = len(x)
+    s_grid = torch.linspace(math.log(t_min), math.log(T), steps + 1, dtype=torch.float64)
+    n_forms = 1 if probes is None else len(probes)
+    integral = torch.zeros(B, n_forms, dtype=torch.float64, device=x.device)  # (B, K)
+    shares = []
+    levels = []
+    y = x.detach()
+
+    def level(y, s):  # U(y, e^s) without a graph (B,)
+        with torch.no_grad():
+            return energy(y, torch.full((B,), math.exp(s), dtype=y.dtype, device=y.device)).double()
+
+    def rhs(y, s):
+        # in s = log t: dy/ds = t f, d(integral)/ds = t div f = t/2 Lap U
+        t = math.exp(s)
+        t_batch = torch.full((B,), t, dtype=y.dtype, device=y.device)
+        f, div = flow_and_divergence(grad_U, y, t_batch, probes)
+        return t * f, t * div.double()
+
+    # Classical RK4 with equal steps in s = log t. Along s the flow changes on the scale of s
+    # itself: each data scale of variance s_k^2 hands over from data to noise across t ~ 0.1 ...
+    # 10 s_k^2, one sigmoid in s per scale, and beyond the largest one y - mean grows like
+    # sqrt(t) = e^(s/2). So equal steps in log t spend the same effort on each decade of
+    # 1e-9 ... 1e3, where equal steps in t would leave all but a few above t = 1. RK4 is 4th
+    # order: its error falls 16x per doubling of the steps (Heun's, 2nd order, 4x) and every
+    # evaluation costs the same in both, so RK4 reaches a given error with fewer network passes.
+    for i in range(steps):
+        s = s_grid[i].item()
+        h = (s_grid[i + 1] - s_grid[i]).item()
+        if energy is not None:
+            levels.append(level(y, s))
+        # k1 at s, k2 and k3 at s + h/2, k4 at s + h; weights 1/6, 2/6, 2/6, 1/6
+        dy1, dl1 = rhs(y, s)
+        dy2, dl2 = rhs(y + h / 2 * dy1, s + h / 2)
+        dy3, dl3 = rhs(y + h / 2 * dy2, s + h / 2)
+        dy4, dl4 = rhs(y + h * dy3, s + h)
+        y = y + h / 6 * (dy1 + 2 * dy2 + 2 * dy3 + dy4)
+        share = h / 6 * (dl1 + 2 * dl2 + 2 * dl3 + dl4)  # (B, K)
+        integral = integral + share
+        shares.append(share.mean(dim=1))
+    if energy is not None:
+        levels.append(level(y, s_grid[-1].item()))
+    # log p_{t_min}(x) = log p_T(y(T)) + int_{t_min}^{T} 1/2 Lap U dt, one value per probe (B, K)
+    end = log_p_T(y).double().to(integral.device)  # (B,)
+    log_p = end[:, None] + integral
+    se = torch.zeros_like(end)
+    if n_forms > 1:
+        se = log_p.std(dim=1) / math.sqrt(n_forms)
+    return {
+        "log_p": log_p.mean(dim=1),
+        "se": se,
+        "log_p_T": end,
+        "integral": integral.mean(dim=1),
+        "y_T": y,
+        "t_grid": s_grid.exp(),
+        "shares": torch.stack(shares, dim=1),
+        "levels": torch.stack(levels, dim=1) if levels else None,
+    }
+
+
+def gaussian_log_p_T(y, T, data_mean=0.0, data_var=0.0):
+    """log N(y; m, (s^2 + T) I), float64 (B,), m = data_mean (a number or a (C, H, W) image),
+    s^2 = data_var: the Gaussian behind 05's constant (m = s^2 = 0: c's (d/2) log(2 pi e T)).
+    Normalized exactly, so it makes the ODE number a density whatever U's level at T is."""
+    d = y[0].numel()
+    v = data_var + T
+    # -log N(y; m, v I) = ||y - m||^2 / (2 v) + (d/2) log(2 pi v)
+    r2 = (y.double() - data_mean).pow(2).flatten(1).sum(1)
+    return -(r2 / (2 * v) + d / 2 * math.log(2 * math.pi * v))
+
+
+def bits_per_dim(log_p, d):
+    """04's convention for log p (nats) of x = (k + u)/256: 8 - log p / (d ln 2)."""
+    return 8.0 - log_p / (d * math.log(2))
+
+
+def check_hutchinson(grad_U, y, t, n_probes, kind="rademacher", generator=None):
+    """Hutchinson against the exact trace of H = d grad_y U / d y at (y, t), per input: the exact
+    tr H, the mean of n_probes forms eps^T H eps, its standard error, and z = (mean - exact) / se,
+    each float64 (B,). |z| beyond ~4 on several inputs means a biased estimator."""
+    y = y.detach().requires_grad_()
+    probes = draw_probes(y.shape, n_probes, kind, generator, y.dtype).to(y.device)
+    with torch.enable_grad():
+        grad_y = grad_U(y, t)
+        exact = exact_trace(grad_y, y).double()
+        forms = quadratic_forms(grad_y, y, probes).double()  # (B, K)
+    mean = forms.mean(dim=1)
+    se = forms.std(dim=1) / math.sqrt(n_probes)
+    return {"exact": exact, "hutchinson": mean, "se": se, "z": (mean - exact) / se}
+
+
+def solver_error(grad_U, log_p_T, x, t_min, T, steps, probes=None):
+    """Richardson's estimate of the RK4 error of log p at an even number of steps, with the same
+    probes: an error e ~ h^4 is 16 e at half the steps. float64 (B,)"""
+    fine = probability_flow_log_p(grad_U, log_p_T, x, t_min, T, steps, probes)
+    coarse = probability_flow_log_p(grad_U, log_p_T, x, t_min, T, steps // 2, probes)
+    # log p(steps / 2) - log p(steps) = 16 e - e = 15 e
+    return (coarse["log_p"] - fine["log_p"]) / 15
+
+
+def level_gap(out):
+    """ODE - one pass in log p (nats), step by step along the path (B, steps), for the ODE ending
+    in 05's -(U(y(T), T) + c): each step's int 1/2 Lap U dt minus the rise of U along the path,
+    U(y_k+1, t_k+1) - U(y_k, t_k). The steps add up to int 1/2 Lap U dt - U(y(T), T) + U(x, t_min),
+    the whole gap, c cancelling. Along the flow dU/dt = d_t U + 1/2 ||grad U||^2, so a step holds
+    int (1/2 Lap U - 1/2 ||grad U||^2 - d_t U) dt: the model's own heat-equation residual, which
+    is 0 where its levels across t (the time score) agree with its space score."""
+    return out["shares"] - out["levels"].diff(dim=1)
+
+
+def one_pass_and_ode(
+    energy,
+    x_uint8,
+    c,
+    t_min,
+    T,
+    steps,
+    n_probes,
+    kind,
+    generator,
+    device,
+    data_mean=0.0,
+    data_var=0.0,
+    batch=50,
+):
+    """Both estimators on the same test images and the same dequantization draw x = (k + u)/256
+    (the headline's convention, u drawn as 04 draws it), per image, with their costs. The ODE's
+    density at T is taken two ways: -(U(y(T), T) + c), the one pass's own normalization, and the
+    Gaussian N(data_mean, (data_var + T) I), normalized exactly whatever c is. Returns per-image
+    bits/dim (float64 (N,)), the ODE's per-image standard errors in bits/dim, ODE - one pass per
+    step of the path in bits/dim (N, steps) with the t grid, where the flow ends (shell, (N,)),
+    passes per image and seconds per 100 images."""
+    d = x_uint8[0].numel()
+    u = torch.rand(x_uint8.shape, generator=generator, dtype=torch.float64)
+    x_all = ((x_uint8.double() + u) / 256).float()  # (N, C, H, W), the dequantized test images
+    grad_U = functools.partial(energy_gradient, energy)
+    log_p_T = functools.partial(normalized_log_p, energy, c=c, t0=T, device=device)
+    rows = {"one_pass": [], "ode": [], "ode_gaussian": [], "se": [], "gap": [], "shell": []}
+    seconds = {"one_pass": 0.0, "ode": 0.0}
+    for x in x_all.split(batch):
+        x = x.to(device)
+        start = time.perf_counter()
+        # the one pass: log p(x) = -(U(x, t_min) + c)
+        rows["one_pass"].append(normalized_log_p(energy, x, c, t_min, device))
+        seconds["one_pass"] += wall_clock(start, device)
+        probes = None  # drawn on the CPU generator: the same probes on every device
+        if n_probes > 0:
+            probes = draw_probes(x.shape, n_probes, kind, generator).to(device)
+        start = time.perf_counter()
+        out = probability_flow_log_p(grad_U, log_p_T, x, t_min, T, steps, probes, energy)
+        seconds["ode"] += wall_clock(start, device)
+        rows["ode"].append(out["log_p"].cpu())
+        # the same path ended in the Gaussian: only the end term changes
+        end = gaussian_log_p_T(out["y_T"], T, data_mean, data_var)
+        rows["ode_gaussian"].append((out["log_p"] - out["log_p_T"] + end).cpu())
+        rows["se"].append(out["se"].cpu())
+        rows["gap"].append(level_gap(out).cpu())
+        # ||y(T) - m||^2 / (d (s^2 + T)): ~1 if the flow carries the data onto p_T's shell
+        r2 = (out["y_T"].double() - data_mean).pow(2).flatten(1).sum(1)
+        rows["shell"].append((r2 / (d * (data_var + T))).cpu())
+    log_p = {k: torch.cat(v) for k, v in rows.items()}
+    return {
+        "one_pass": bits_per_dim(log_p["one_pass"], d),
+        "ode": bits_per_dim(log_p["ode"], d),
+        "ode_gaussian": bits_per_dim(log_p["ode_gaussian"], d),
+        "se": log_p["se"] / (d * math.log(2)),  # bits/dim, per image
+        # ODE - one pass in bits/dim, the opposite sign of the gap in log p (N, steps)
+        "gap_by_step": -log_p["gap"] / (d * math.log(2)),
+        "t_grid": out["t_grid"],
+        "shell": log_p["shell"],
+        "passes": {
+            "one_pass": {"forward": 1, "backward": 0},
+            "ode": ode_cost(steps, n_probes, d, levels=True),
+        },
+        "seconds_per_100": {k: 100 * v / len(x_uint8) for k, v in seconds.items()},
+    }
+
+
+def print_one_pass_and_ode(res, steps, n_probes, kind, solver_error=0.0):
+    """The side-by-side table: mean and per-image SD of bits/dim by each estimator, the probes'
+    standard error, where the flow ends, the gap by range of t, passes and time; a NOTE line when
+    the one pass is below the ODE by more than the errors (solver_error: the RK4 error in bits/dim,
+    e.g. from print_ode_checks)."""
+    n = len(res["ode"])
+    # standard error of the mean over images from the probes alone: sqrt(sum_i se_i^2) / N
+    se_probes = res["se"].pow(2).sum().sqrt().item() / n
+    gap = res["ode"] - res["one_pass"]
+    trace = "exact trace"
+    if n_probes > 0:
+        trace = f"Hutchinson, {n_probes} {kind} probes"
+    sd = {k: res[k].std().item() if n > 1 else 0.0 for k in ("one_pass", "ode", "ode_gaussian")}
+
+    def row(label, key):  # mean over the images and the SD across them
+        return f"  {label:<40} {res[key].mean().item():8.4f} {sd[key]:8.4f}"
+
+    print(f"log-likelihood of {n} test images, dequantized bits/dim (the same draw of u for all):")
+    print(f"  {'':<40} {'mean':>8} {'SD':>8}  (SD: across the images)")
+    print(row("one pass, -(U(x, t_min) + c)", "one_pass"))
+    print(f"  ODE, RK4 {steps} steps in log t, {trace}, ending in")
+    print(row("  05's -(U(y(T), T) + c)", "ode"))
+    print(row("  N(m, (s^2 + T) I)", "ode_gaussian"))
+    print(f"  {'  standard error of the mean, probes':<40} {se_probes:8.4f}")
+    shell = res["shell"]
+    print(
+        f"  flow's end points: ||y(T) - m||^2 / (d (s^2 + T)) = {shell.mean().item():.3f} "
+        f"(min {shell.min().item():.3f}, max {shell.max().item():.3f}; ~1 on p_T's shell)"
+    )
+    corr = 0.0
+    if n > 2 and sd["one_pass"] > 0 and sd["ode"] > 0:
+        corr = torch.corrcoef(torch.stack([res["one_pass"], res["ode"]]))[0, 1].item()
+    print(
+        f"  ODE - one pass: mean {gap.mean().item():+.4f}, per-image SD {gap.std().item():.4f};"
+        f" correlation of the two across images {corr:+.3f}"
+    )
+    # where along t it arises: the model's heat-equation residual, summed over ranges of steps
+    by_step = res["gap_by_step"].mean(dim=0)  # (steps,)
+    t = res["t_grid"]
+    parts = []
+    for idx in torch.arange(len(by_step)).tensor_split(min(6, len(by_step))):
+        parts.append(f"t {t[idx[0]]:.0e}-{t[idx[-1] + 1]:.0e} {by_step[idx].sum().item():+.4f}")
+    print("    by range of t: " + ", ".join(parts))
+    # the gap's errors: probes, the images drawn (paired, so the SD of the gap), the solver
+    se_gap = se_probes
+    if n > 1:
+        se_gap = math.sqrt(se_probes**2 + gap.var().item() / n)
+    margin = 2 * se_gap + abs(solver_error)
+    if gap.mean().item() > margin:
+        print(
+            f"NOTE: the one-pass number is BELOW the ODE's by {gap.mean().item():.3f} bits/dim, "
+            f"more than 2 standard errors + the solver error ({margin:.3f})"
+        )
+    for name in ("one_pass", "ode"):
+        p = res["passes"][name]
+        seconds = res["seconds_per_100"][name]
+        print(
+            f"  cost, {name:<8}: {p['forward']} forward + {p['backward']} backward passes per "
+            f"image, {seconds:.1f} s per 100 images"
+        )
+
+
+def print_ode_checks(energy, x, c, t_min, T, steps, n_probes, kind, generator):
+    """On a few dequantized images x: Hutchinson (32 probes, so that z is near-normal) against the
+    exact trace at t_min, sqrt(t_min T) and T, and Richardson's RK4 error at `steps` in bits/dim
+    (returned: the largest)."""
+    d = x[0].numel()
+    grad_U = functools.partial(energy_gradient, energy)
+    for t_val in (t_min, math.sqrt(t_min * T), T):
+        t = torch.full((len(x),), t_val, dtype=x.dtype, device=x.device)
+        res = check_hutchinson(grad_U, x, t, 32, kind, generator)
+        z = " ".join(f"{v:+.1f}" for v in res["z"].tolist())
+        print(
+            f"  Hutchinson vs exact trace of Hess U at t = {t_val:.0e}: z = {z} (|z| < 4 expected)"
+        )
+    probes = None
+    if n_probes > 0:
+        probes = draw_probes(x.shape, n_probes, kind, generator, x.dtype).to(x.device)
+    log_p_T = functools.partial(normalized_log_p, energy, c=c, t0=T, device=x.device)
+    err = solver_error(grad_U, log_p_T, x, t_min, T, steps, probes) / (d * math.log(2))
+    print(f"  RK4 error at {steps} steps (Richardson): {err.abs().max().item():.1e} bits/dim")
+    return err.abs().max().item()
+
+
+# ============================ training and evaluation on images ============================
 def training_batch(x_train, batch, generator):
     """Dequantized images drawn with replacement; colour images flipped left-right at random."""
     x = dequantize(x_train[torch.randint(len(x_train), (batch,), generator=generator)], generator)
@@ -537,8 +890,33 @@ def report(model, x_train, x_test, cfg, device, curve):
     mass = mass_conservation(model, x_test[:100], cfg, device)
     table = "  ".join(f"t={t:.0e}: {v:+.3f}" for t, v in mass)
     print("mass conservation, mean t d_t U / d (0 for a density): " + table)
+    if cfg.ODE:
+        ode_report(model, x_train, x_test, res["c"], cfg, device, gen)
     plot_report(curve, base, mass, os.path.join(cfg.OUT_DIR, f"05_dual_score_{cfg.NAME}.png"))
     return bpd
+
+
+def ode_report(model, x_train, x_test, c, cfg, device, gen):
+    """--ode: the checks (Hutchinson against the exact trace, RK4's error by Richardson) on
+    ODE_CHECK images, then one pass and ODE side by side on the first ODE_IMAGES test images, with
+    the headline's constant c (never re-estimated)."""
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients in y only: a smaller graph, the same numbers
+    print(f"probability-flow ODE: checks on {min(cfg.ODE_CHECK, len(x_test))} test images")
+    err = 0.0
+    if cfg.ODE_CHECK > 0:
+        x_check = dequantize(x_test[: cfg.ODE_CHECK], gen).to(device)
+        args = (cfg.T_MIN, cfg.T_MAX, cfg.ODE_STEPS, cfg.ODE_PROBES, cfg.ODE_PROBE, gen)
+        err = print_ode_checks(model, x_check, c, *args)
+    # m and s^2 of the dequantized training pixels (k + u)/256, u ~ U[0, 1): exact, no draw
+    k = x_train.double()
+    m = (k.mean().item() + 0.5) / 256
+    s2 = (k.var().item() + 1 / 12) / 256**2
+    args = (cfg.T_MIN, cfg.T_MAX, cfg.ODE_STEPS, cfg.ODE_PROBES, cfg.ODE_PROBE, gen, device)
+    res = one_pass_and_ode(model, x_test[: cfg.ODE_IMAGES], c, *args, m, s2, batch=cfg.BATCH)
+    stop_if_ode_not_finite(res, cfg)
+    print_one_pass_and_ode(res, cfg.ODE_STEPS, cfg.ODE_PROBES, cfg.ODE_PROBE, err)
+    return res
 
 
 def strong_generalization(cfg, x_train, device):
@@ -579,7 +957,7 @@ def image_experiment(cfg):
     check_data(cfg, x_train, x_test, device)
     size = str(cfg.IMAGE_SIZE) if cfg.IMAGE_SIZE else ""
     cfg.NAME = os.path.splitext(os.path.basename(cfg.DATASET))[0] + size
-    ckpt_path = os.path.join(cfg.OUT_DIR, f"{cfg.NAME}.pt")  # e.g. mnist16.pt
+    ckpt_path = cfg.CKPT or os.path.join(cfg.OUT_DIR, f"{cfg.NAME}.pt")  # e.g. mnist16.pt
     shape = tuple(x_train.shape[1:])
     print(f"data: {len(x_train)} train / {len(x_test)} test images of shape {shape}")
     if cfg.STRONG_GEN:
@@ -732,6 +1110,35 @@ def stop_if_not_finite(bpd, step):
         )
 
 
+def stop_if_ode_not_finite(res, cfg):
+    bad = ~torch.isfinite(res["ode"]) | ~torch.isfinite(res["ode_gaussian"])
+    bad = bad | ~torch.isfinite(res["one_pass"])
+    if bad.any():
+        raise SystemExit(
+            f"error: the ODE's or the one pass's log p is not finite on {int(bad.sum())} of"
+            f" {len(bad)} images; raise --ode_steps (now {cfg.ODE_STEPS}), or the model's energy"
+            " is not finite there"
+        )
+
+
+def ode_cost(steps, n_probes, D, levels=False):
+    """Network passes per image of one ODE likelihood: 4 gradients per RK4 step (a forward and a
+    backward pass each), one more backward pass per probe and gradient (D of them for the exact
+    trace), one forward pass for U(y(T), T), and steps + 1 for U along the path if recorded."""
+    n_forms = D if n_probes == 0 else n_probes
+    forward = 4 * steps + 1
+    if levels:
+        forward += steps + 1
+    return {"forward": forward, "backward": 4 * steps * (1 + n_forms)}
+
+
+def wall_clock(start, device):
+    """Seconds since start, once the device has finished its queued work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def validate(cfg):
     """Every knob checked before any work: one line naming the knob and what is allowed."""
     at_least_1 = "STEPS BATCH LR_HALVE_EVERY WIDTH N_TEST N_DRAWS CKPT_EVERY TOY_SAMPLES TOY_STEPS"
@@ -755,12 +1162,26 @@ def validate(cfg):
         ("TIME_FEATURES", cfg.TIME_FEATURES in ("log", "raw"), "log or raw"),
         ("STRONG_GEN", not cfg.STRONG_GEN or sizes_ok, "sizes > 0, e.g. 10,100,1000"),
         ("EVAL_ONLY", not (cfg.EVAL_ONLY and cfg.STRONG_GEN), "not with --strong_gen (it trains)"),
+        ("CKPT", not cfg.CKPT or cfg.EVAL_ONLY, "only with --eval_only (training writes OUT_DIR)"),
+        (
+            "ODE",
+            not (cfg.ODE and cfg.DATASET == "toy"),
+            "with an image --dataset (it scores images)",
+        ),
+        ("ODE", not (cfg.ODE and cfg.STRONG_GEN), "not with --strong_gen"),
+        ("ODE_IMAGES", cfg.ODE_IMAGES >= 1, ">= 1"),
+        ("ODE_STEPS", cfg.ODE_STEPS >= 2 and cfg.ODE_STEPS % 2 == 0, "even, >= 2"),
+        ("ODE_PROBES", cfg.ODE_PROBES == 0 or cfg.ODE_PROBES >= 2, "0 (exact trace) or >= 2"),
+        ("ODE_PROBE", cfg.ODE_PROBE in ("rademacher", "gaussian"), "rademacher or gaussian"),
+        ("ODE_CHECK", 0 <= cfg.ODE_CHECK <= cfg.ODE_IMAGES, f"0 to --ode_images={cfg.ODE_IMAGES}"),
     ]
     for key, ok, allowed in rules:
         if not ok:
             raise SystemExit(
                 f"error: --{key.lower()}={getattr(cfg, key)} is out of range; allowed: {allowed}"
             )
+    if cfg.CKPT and not os.path.isfile(cfg.CKPT):
+        raise SystemExit(f"error: --ckpt={cfg.CKPT}: no such file")
     device = torch.device("cpu") if cfg.DATASET == "toy" else pick_device(cfg.DEVICE)
     check_memory(cfg, device)
     check_writable(cfg.OUT_DIR)  # before any training time is spent
