@@ -1,4 +1,4 @@
-"""04 - Annealed Langevin sampling of an MDSM energy, and annealed importance sampling of log Z.
+"""04 - Annealed Langevin sampling of an MDSM energy, AIS for its log Z, and scores of its samples.
 
 MDSM (Li, Chen & Sommer, arXiv 1910.07762) samples its energy E with Langevin dynamics on
 p_T = exp(-E/T), annealing the temperature T = sigma^2 / sigma0^2 from 100 to 0 (Section 4, as the
