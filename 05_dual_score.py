@@ -1184,7 +1184,7 @@ def validate(cfg):
         raise SystemExit(f"error: --ckpt={cfg.CKPT}: no such file")
     device = torch.device("cpu") if cfg.DATASET == "toy" else pick_device(cfg.DEVICE)
     check_memory(cfg, device)
-    check_writable(cfg.OUT_DIR)  # before any training time is spent
+    langevin.check_writable(cfg.OUT_DIR)  # before any training time is spent
 
 
 def memory_estimate(cfg, image_shape=None):
@@ -1218,19 +1218,6 @@ def check_memory(cfg, device, image_shape=None):
             f"error: this run needs about {need / 2**30:.3g} GiB of memory, and the {device.type}"
             f" has {have / 2**30:.3g} GiB; lower {knobs}"
         )
-
-
-def check_writable(path):
-    """Fail before any work, not at the first save."""
-    probe = os.path.join(path, ".write_test")
-    try:
-        os.makedirs(path, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(
-            f"error: --out_dir: cannot write to {path} ({e.strerror}); choose another --out_dir"
-        ) from None
 
 
 def save_figure(fig, path):

@@ -4,6 +4,7 @@ import importlib
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,3 +26,27 @@ def load_script(filename):
 def script():
     """`script('01_score_matching.py')` returns that file as a module (main() not run)."""
     return load_script
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """96 random 8x8 grey images as a .npz (80 training, 16 test): enough for 05's image runs."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((96, 8, 8)) * 255).astype(np.uint8)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=x[:80], x_test=x[80:])
+    return path
+
+
+def tiny_dual_score_args(tiny_npz, out_dir, steps=3):
+    """05's smallest image run on tiny_npz."""
+    return [
+        f"--dataset={tiny_npz}",
+        f"--steps={steps}",
+        "--batch=4",
+        "--width=2",
+        "--n_test=8",
+        "--n_draws=1",
+        "--device=cpu",
+        f"--out_dir={out_dir}",
+    ]

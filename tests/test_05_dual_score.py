@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, tiny_dual_score_args
 
 m = load_script("05_dual_score.py")
 mdsm = load_script("03_mdsm_train.py")
@@ -424,31 +424,11 @@ def test_the_model_runs_in_float64_on_non_square_images():
 
 
 # ---- tiny runs on images ----
-@pytest.fixture
-def tiny_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    x = (rng.random((96, 8, 8)) * 255).astype(np.uint8)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=x[:80], x_test=x[80:])
-    return path
-
-
-def tiny_args(tiny_npz, out_dir, steps=3):
-    return [
-        f"--dataset={tiny_npz}",
-        f"--steps={steps}",
-        "--batch=4",
-        "--width=2",
-        "--n_test=8",
-        "--n_draws=1",
-        "--device=cpu",
-        f"--out_dir={out_dir}",
-    ]
 
 
 def test_image_mode_trains_evaluates_resumes_and_refuses_clearly(tmp_path, tiny_npz, capsys):
     out = tmp_path / "out"
-    args = tiny_args(tiny_npz, out)
+    args = tiny_dual_score_args(tiny_npz, out)
     bpd = m.main(args)
     text = capsys.readouterr().out
     assert (
@@ -461,49 +441,49 @@ def test_image_mode_trains_evaluates_resumes_and_refuses_clearly(tmp_path, tiny_
     full = mdsm.load_checkpoint(str(out / "tiny.pt"), kind="dual-score")
     slim = {k: full[k] for k in ("kind", "model_args", "model", "step")}  # as shipped: the weights
     mdsm.save_checkpoint(slim, str(tmp_path / "slim" / "tiny.pt"))
-    assert m.main(tiny_args(tiny_npz, tmp_path / "slim") + ["--eval_only"]) == pytest.approx(
-        bpd, abs=1e-9
-    )
+    assert m.main(
+        tiny_dual_score_args(tiny_npz, tmp_path / "slim") + ["--eval_only"]
+    ) == pytest.approx(bpd, abs=1e-9)
     with pytest.raises(SystemExit, match="already exists; pass --resume"):
         m.main(args)  # never overwrites
-    m.main(tiny_args(tiny_npz, out, steps=5) + ["--resume"])
+    m.main(tiny_dual_score_args(tiny_npz, out, steps=5) + ["--resume"])
     assert "resumed at step 3" in capsys.readouterr().out
     assert mdsm.load_checkpoint(str(out / "tiny.pt"), kind="dual-score")["step"] == 5
     with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
-        m.main(tiny_args(tiny_npz, tmp_path / "empty") + ["--resume"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path / "empty") + ["--resume"])
     with pytest.raises(SystemExit, match="--eval_only: no checkpoint at"):
-        m.main(tiny_args(tiny_npz, tmp_path / "empty") + ["--eval_only"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path / "empty") + ["--eval_only"])
 
 
 def test_resume_refuses_fewer_steps_and_a_new_learning_rate(tmp_path, tiny_npz):
-    m.main(tiny_args(tiny_npz, tmp_path, steps=4))
+    m.main(tiny_dual_score_args(tiny_npz, tmp_path, steps=4))
     for steps in (2, 4):  # at or below the checkpoint's step: nothing to train
         with pytest.raises(
             SystemExit, match=r"^error: .* is at step 4; --resume needs --steps above it"
         ):
-            m.main(tiny_args(tiny_npz, tmp_path, steps=steps) + ["--resume"])
+            m.main(tiny_dual_score_args(tiny_npz, tmp_path, steps=steps) + ["--resume"])
     with pytest.raises(SystemExit, match="keeps the optimizer and lr schedule .* --lr differ"):
-        m.main(tiny_args(tiny_npz, tmp_path, steps=6) + ["--resume", "--lr=1e-4"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path, steps=6) + ["--resume", "--lr=1e-4"])
 
 
 def test_a_checkpoint_of_another_design_is_refused_with_one_line(tmp_path, tiny_npz):
-    m.main(tiny_args(tiny_npz, tmp_path, steps=2) + ["--log_normalizer=false"])
+    m.main(tiny_dual_score_args(tiny_npz, tmp_path, steps=2) + ["--log_normalizer=false"])
     with pytest.raises(
         SystemExit, match=r"'log_normalizer': False.* but this run builds .*'log_normalizer': True"
     ):
-        m.main(tiny_args(tiny_npz, tmp_path, steps=2) + ["--eval_only"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path, steps=2) + ["--eval_only"])
     with pytest.raises(SystemExit, match=r"pass the same --width, --log_normalizer"):
         m.main(
-            tiny_args(tiny_npz, tmp_path, steps=4)
+            tiny_dual_score_args(tiny_npz, tmp_path, steps=4)
             + ["--resume", "--log_normalizer=false", "--width=3"]
         )
 
 
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path, tiny_npz):
     """The generator of batches, t and noise is saved with the weights and the optimizer."""
-    m.main(tiny_args(tiny_npz, tmp_path / "straight", steps=4))
-    m.main(tiny_args(tiny_npz, tmp_path / "split", steps=2))
-    m.main(tiny_args(tiny_npz, tmp_path / "split", steps=4) + ["--resume"])
+    m.main(tiny_dual_score_args(tiny_npz, tmp_path / "straight", steps=4))
+    m.main(tiny_dual_score_args(tiny_npz, tmp_path / "split", steps=2))
+    m.main(tiny_dual_score_args(tiny_npz, tmp_path / "split", steps=4) + ["--resume"])
     a = mdsm.load_checkpoint(str(tmp_path / "straight" / "tiny.pt"), kind="dual-score")
     b = mdsm.load_checkpoint(str(tmp_path / "split" / "tiny.pt"), kind="dual-score")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -513,7 +493,7 @@ def test_ctrl_c_during_training_saves_the_step_and_the_run_resumes(tmp_path, tin
     """A real process: Ctrl-C (SIGINT) saves a checkpoint at the current step, prints one line and
     exits with 130 (128 + the signal's number); --resume continues from there."""
     out = tmp_path / "out"
-    args = tiny_args(tiny_npz, out, steps=1_000_000) + ["--ckpt_every=1000000"]
+    args = tiny_dual_score_args(tiny_npz, out, steps=1_000_000) + ["--ckpt_every=1000000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     cmd = [sys.executable, "-u", os.path.join(ROOT, "05_dual_score.py"), *args]
     proc = subprocess.Popen(
@@ -533,7 +513,7 @@ def test_ctrl_c_during_training_saves_the_step_and_the_run_resumes(tmp_path, tin
     step = int(last.split()[3].rstrip(";"))
     assert last == f"interrupted at step {step}; saved {out / 'tiny.pt'}; continue with --resume"
     assert mdsm.load_checkpoint(str(out / "tiny.pt"), kind="dual-score")["step"] == step
-    m.main(tiny_args(tiny_npz, out, steps=step + 2) + ["--resume"])
+    m.main(tiny_dual_score_args(tiny_npz, out, steps=step + 2) + ["--resume"])
     assert mdsm.load_checkpoint(str(out / "tiny.pt"), kind="dual-score")["step"] == step + 2
 
 
@@ -548,7 +528,7 @@ def test_sigterm_saves_like_ctrl_c_and_exits_143(tmp_path, tiny_npz, monkeypatch
 
     monkeypatch.setattr(m, "progress", progress_then_sigterm)
     with pytest.raises(SystemExit) as e:
-        m.main(tiny_args(tiny_npz, tmp_path, steps=100))
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path, steps=100))
     assert e.value.code == 143
     assert capsys.readouterr().out.endswith(
         f"interrupted at step 2; saved {tmp_path / 'tiny.pt'}; continue with --resume\n"
@@ -576,10 +556,10 @@ def test_divergence_stops_without_saving_and_says_whether_a_checkpoint_is_kept(
     with pytest.raises(
         SystemExit, match=r"diverged \(nan at step 2\).*no checkpoint was saved.*--lr"
     ) as e:
-        m.main(tiny_args(tiny_npz, tmp_path / "a", steps=5))
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path / "a", steps=5))
     assert "--resume" not in str(e.value) and not (tmp_path / "a" / "tiny.pt").exists()
     diverge_at(4, monkeypatch)
-    args = tiny_args(tiny_npz, tmp_path / "b", steps=5) + ["--ckpt_every=2"]
+    args = tiny_dual_score_args(tiny_npz, tmp_path / "b", steps=5) + ["--ckpt_every=2"]
     with pytest.raises(
         SystemExit,
         match=r"diverged \(nan at step 4\).*the checkpoint .*tiny.pt from before is kept",
@@ -599,7 +579,7 @@ def test_a_non_finite_bits_per_dim_is_never_printed_as_a_result(
     with pytest.raises(
         SystemExit, match=r"^error: the model of step 3 gives a test bits/dim of nan.*--lr"
     ):
-        m.main(tiny_args(tiny_npz, tmp_path))
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path))
     assert "test NLL" not in capsys.readouterr().out
 
 
@@ -696,11 +676,11 @@ def test_impossible_image_sizes_are_refused_from_an_estimate_before_allocation(t
     with pytest.raises(
         SystemExit, match=r"^error: this run needs about .* GiB .* lower --width or --batch"
     ):
-        m.main(tiny_args(tiny_npz, tmp_path) + ["--width=1000000"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path) + ["--width=1000000"])
     with pytest.raises(
         SystemExit, match=r"^error: this run needs about .* GiB .* lower --width or --batch"
     ):
-        m.main(tiny_args(tiny_npz, tmp_path) + ["--batch=1e9"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path) + ["--batch=1e9"])
     assert not (tmp_path / "tiny.pt").exists()
 
 
@@ -720,7 +700,7 @@ def test_an_image_size_larger_than_the_data_is_refused_not_upsampled(tmp_path, t
     with pytest.raises(
         SystemExit, match=r"^error: .* has images of 8x8; --image_size=16 would upsample"
     ):
-        m.main(tiny_args(tiny_npz, tmp_path) + ["--image_size=16"])
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path) + ["--image_size=16"])
 
 
 def test_unwritable_out_dir_is_refused_before_any_work(tmp_path):

@@ -7,10 +7,9 @@ import functools
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, tiny_dual_score_args
 
 m = load_script("05_dual_score.py")
 mdsm = load_script("03_mdsm_train.py")
@@ -311,26 +310,6 @@ def test_the_table_prints_each_estimators_mean_and_spread_across_images(capsys):
 
 
 # ---- --ode and --ckpt through main() ----
-@pytest.fixture
-def tiny_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    x = (rng.random((96, 8, 8)) * 255).astype(np.uint8)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=x[:80], x_test=x[80:])
-    return path
-
-
-def tiny_args(tiny_npz, out_dir, steps=3):
-    return [
-        f"--dataset={tiny_npz}",
-        f"--steps={steps}",
-        "--batch=4",
-        "--width=2",
-        "--n_test=8",
-        "--n_draws=1",
-        "--device=cpu",
-        f"--out_dir={out_dir}",
-    ]
 
 
 ODE_ARGS = ["--ode", "--ode_images=4", "--ode_steps=2", "--ode_check=1"]
@@ -353,12 +332,14 @@ def test_ode_prints_both_estimators_with_the_headlines_constant(tmp_path, tiny_n
         seen["images"] = len(x_uint8)
         return both(energy, x_uint8, c, *args, **kwargs)
 
-    bpd = m.main(tiny_args(tiny_npz, tmp_path / "plain"))
+    bpd = m.main(tiny_dual_score_args(tiny_npz, tmp_path / "plain"))
     capsys.readouterr()
     m.image_density = spy_density
     m.one_pass_and_ode = spy_both
     try:
-        assert m.main(tiny_args(tiny_npz, tmp_path / "ode") + ODE_ARGS) == pytest.approx(bpd)
+        assert m.main(tiny_dual_score_args(tiny_npz, tmp_path / "ode") + ODE_ARGS) == pytest.approx(
+            bpd
+        )
     finally:
         m.image_density = density
         m.one_pass_and_ode = both
@@ -380,14 +361,14 @@ def test_ode_prints_both_estimators_with_the_headlines_constant(tmp_path, tiny_n
 
 
 def test_a_non_finite_ode_stops_with_one_line_naming_the_steps(tmp_path, tiny_npz, monkeypatch):
-    m.main(tiny_args(tiny_npz, tmp_path))
+    m.main(tiny_dual_score_args(tiny_npz, tmp_path))
 
     def nan_end(y, *args):
         return torch.full((len(y),), math.nan, dtype=torch.float64)
 
     monkeypatch.setattr(m, "gaussian_log_p_T", nan_end)
     with pytest.raises(SystemExit, match=r"not finite on 4 of 4 images; raise --ode_steps"):
-        m.main(tiny_args(tiny_npz, tmp_path) + ["--eval_only"] + ODE_ARGS)
+        m.main(tiny_dual_score_args(tiny_npz, tmp_path) + ["--eval_only"] + ODE_ARGS)
 
 
 @pytest.mark.parametrize(
@@ -406,7 +387,7 @@ def test_a_non_finite_ode_stops_with_one_line_naming_the_steps(tmp_path, tiny_np
 )
 def test_ode_and_ckpt_knobs_are_checked_before_any_work(tmp_path, bad, message):
     """One line before any data is read: the dataset named here does not exist."""
-    args = tiny_args(tmp_path / "none.npz", tmp_path / "out") + ["--ode"] + bad
+    args = tiny_dual_score_args(tmp_path / "none.npz", tmp_path / "out") + ["--ode"] + bad
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
         m.main(args)
 
@@ -419,11 +400,11 @@ def test_ode_is_refused_for_the_toy():
 def test_eval_only_reads_a_checkpoint_in_place_and_writes_only_to_out_dir(tmp_path, tiny_npz):
     """--ckpt: a checkpoint under any name is evaluated where it lies, with the same result as from
     OUT_DIR, and the figures go to OUT_DIR, never next to the checkpoint."""
-    bpd = m.main(tiny_args(tiny_npz, tmp_path / "train"))
+    bpd = m.main(tiny_dual_score_args(tiny_npz, tmp_path / "train"))
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     (shipped / "dual_score_tiny.pt").write_bytes((tmp_path / "train" / "tiny.pt").read_bytes())
-    args = tiny_args(tiny_npz, tmp_path / "eval") + ["--eval_only"]
+    args = tiny_dual_score_args(tiny_npz, tmp_path / "eval") + ["--eval_only"]
     assert m.main(args + [f"--ckpt={shipped / 'dual_score_tiny.pt'}"]) == pytest.approx(bpd)
     assert os.listdir(shipped) == ["dual_score_tiny.pt"]
     assert os.listdir(tmp_path / "eval") == ["05_dual_score_tiny.png"]
