@@ -70,6 +70,7 @@ N_SAMPLES = 64  # images to generate (the paper's FID and IS: 50000)
 BATCH = 256  # chains run at once (chunks of N_SAMPLES); as large as memory allows
 STEP_SIZE = 0.02  # sigma_s of the MDSM step (paper: 0.02), in (0, 1]
 T_MAX = 100.0  # starting temperature, >= 1 (T = sigma^2 / sigma0^2: 100 <-> sigma = 1.0)
+INIT_STD = 1.0  # chains start at 0.5 + INIT_STD N(0, I) (authors: 1); 0 = sigma0 sqrt(T_MAX)
 N_HOT = 500  # steps at T = T_MAX
 N_ANNEAL = 2000  # steps of geometric decay from T_MAX to 1
 N_COOL = 200  # steps of linear decay from 1 to 0
@@ -674,20 +675,25 @@ def log_density(model, x, temperature=1.0, log_z=0.0, batch=500):
 
 
 def generate(model, shape, sigma0, cfg):
-    """N_SAMPLES images of shape (C, H, W) in chunks of BATCH: MDSM's initialization 0.5 + N(0, I),
-    annealed_langevin through mdsm_schedule, then (if DENOISE) one Tweedie step. Returns
+    """N_SAMPLES images of shape (C, H, W) in chunks of BATCH: MDSM's initialization 0.5 + N(0, I)
+    (INIT_STD = 0: the first temperature's noise level sigma0 sqrt(T_MAX) instead), annealed_langevin through mdsm_schedule, then (if DENOISE) one Tweedie step. Returns
     (N_SAMPLES, C, H, W) floats on the CPU, unclamped; stops if a chain diverged."""
     device = next(model.parameters()).device
     temps = mdsm_schedule(cfg.N_HOT, cfg.N_ANNEAL, cfg.N_COOL, cfg.T_MAX)
+    # a model trained up to sigma_max < 1 has never seen the authors' start (noise of std 1)
+    init_std = cfg.INIT_STD if cfg.INIT_STD > 0 else sigma0 * math.sqrt(cfg.T_MAX)
     samples = []
     t_start = time.time()
     for start in range(0, cfg.N_SAMPLES, cfg.BATCH):
-        x = 0.5 + torch.randn(min(cfg.BATCH, cfg.N_SAMPLES - start), *shape, device=device)
+        x = 0.5 + init_std * torch.randn(
+            min(cfg.BATCH, cfg.N_SAMPLES - start), *shape, device=device
+        )
         x = annealed_langevin(model, x, temps, cfg.STEP_SIZE, show_progress=True)
         if cfg.DENOISE:
             x = tweedie_denoise(model, x, sigma0)
         samples.append(x.cpu())  # the one host sync per chunk
-        stop_if_nonfinite(samples[-1], "the Langevin chains", "a smaller --step_size or --t_max")
+        hint = "a smaller --step_size or --t_max (below 100 with --init_std=0)"
+        stop_if_nonfinite(samples[-1], "the Langevin chains", hint)
         rate = (start + len(x)) / (time.time() - t_start)  # the paper's FID and IS take 50,000
         log_line(start + len(x), {"samples/s": rate, "h per 50k": 50_000 / rate / 3600})
     return torch.cat(samples)
@@ -842,6 +848,7 @@ def check_config(cfg):
     rules = {"N_SAMPLES": (cfg.N_SAMPLES >= 1, ">= 1"), "BATCH": (cfg.BATCH >= 1, ">= 1")}
     rules["STEP_SIZE"] = (0 < cfg.STEP_SIZE <= 1, "(0, 1]")
     rules["T_MAX"] = (cfg.T_MAX >= 1, ">= 1 (T = 1 is the data's own temperature)")
+    rules["INIT_STD"] = (0 <= cfg.INIT_STD <= 100, "in [0, 100] (0 = sigma0 sqrt(T_MAX))")
     for knob in ("N_HOT", "N_ANNEAL", "N_COOL", "N_TEST", "PLAIN_STEPS", "SEED"):
         rules[knob] = (getattr(cfg, knob) >= 0, ">= 0")
     for knob in ("N_REF", "LEAPFROG", "TOY_SAMPLES"):

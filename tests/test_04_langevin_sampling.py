@@ -41,7 +41,15 @@ class GaussianEnergyNet(torch.nn.Module):
 
 def sampler_cfg(**kw):
     base = dict(
-        N_SAMPLES=3, BATCH=2, N_HOT=1, N_ANNEAL=0, N_COOL=0, T_MAX=4.0, STEP_SIZE=0.02, DENOISE=True
+        N_SAMPLES=3,
+        BATCH=2,
+        N_HOT=1,
+        N_ANNEAL=0,
+        N_COOL=0,
+        T_MAX=4.0,
+        STEP_SIZE=0.02,
+        DENOISE=True,
+        INIT_STD=1.0,
     )
     return types.SimpleNamespace(**{**base, **kw})
 
@@ -143,6 +151,21 @@ def test_final_denoise_switch_of_the_checkpoint_sampler(script):
         # Tweedie: x - sigma0^2 grad E(x) = x - (0.15^2 / 0.04) (x - 0.3), a 56% shrink to the mean
         want = expected - sigma0**2 * grad(expected) if denoise else expected
         assert torch.allclose(out, want, atol=1e-6), denoise
+
+
+def test_init_std_zero_starts_the_chains_at_the_first_temperatures_noise_level(script):
+    """INIT_STD = 0: x0 = 0.5 + sigma0 sqrt(T_MAX) z; the default 1 is the authors' 0.5 + z."""
+    m = script(FILE)
+    net, sigma0, s = GaussianEnergyNet(mean=0.3, var=0.04), 0.15, 0.02
+    for init_std, std in ((1.0, 1.0), (0.0, 0.15 * 2.0), (0.25, 0.25)):  # T_MAX = 4
+        torch.manual_seed(0)
+        x = 0.5 + std * torch.randn(3, 1, 2, 2)
+        # one step at T = 4, its noise drawn after the init
+        want = x - 0.5 * s**2 * (x - 0.3) / 0.04 + 2.0 * s * torch.randn_like(x)
+        cfg = sampler_cfg(STEP_SIZE=s, DENOISE=False, BATCH=3, INIT_STD=init_std)
+        torch.manual_seed(0)
+        out = m.generate(net, (1, 2, 2), sigma0, cfg)
+        assert torch.allclose(out, want, atol=1e-6), init_std
 
 
 def test_diverging_chains_stop_with_one_line_instead_of_returning_nan(script):
